@@ -1,0 +1,129 @@
+"""A bidirectional transformer dLLM in plain PyTorch: RMSNorm, RoPE, GQA, SwiGLU, SDPA.
+
+Every block uses the canonical names ``attn_norm q_proj k_proj v_proj o_proj mlp_norm
+gate_proj up_proj down_proj`` whatever the checkpoint family, so quantization methods address
+layers one way. ``k_quant`` / ``v_quant`` are identity hooks on K (after RoPE) and V that
+activation-quantization methods may replace.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DLLMConfig
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin of shape [B, 1, L, head_dim] for integer positions [B, L] (computed in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DLLMConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.k_quant = nn.Identity()
+        self.v_quant = nn.Identity()
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.gate_proj = nn.Linear(d, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(d, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        b, n, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), self.k_quant(apply_rope(k, cos, sin))
+        v = self.v_quant(v)
+        gqa = self.n_heads != self.n_kv_heads
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, n, -1))
+        h = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DiffusionLM(nn.Module):
+    """``forward(input_ids, attention_mask=None) -> logits [B, L, V]`` aligned to positions.
+
+    ``attention_mask`` [B, L] (1 = real token, 0 = padding) hides padded keys and shifts
+    RoPE positions so a left-padded row computes exactly what the unpadded row would.
+    For Dream (``shift_logits``), the returned logits at position i are the network's
+    outputs at i-1 (position 0 repeats its own), so callers never special-case families.
+    """
+
+    def __init__(self, cfg: DLLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def block_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """RoPE tables and attention mask shared by every block (for block-wise methods too)."""
+        b, n = input_ids.shape
+        if attention_mask is None:
+            pos = torch.arange(n, device=input_ids.device).expand(b, n)
+            mask = None
+        else:
+            am = attention_mask.bool()
+            pos = (am.long().cumsum(-1) - 1).clamp(min=0)
+            # keys that are padding are hidden; padded query rows still see themselves (no NaN)
+            mask = am[:, None, None, :] | torch.eye(n, dtype=torch.bool, device=am.device)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, self.dtype)
+        return cos, sin, mask
+
+    def hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        cos, sin, mask = self.block_context(input_ids, attention_mask)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return self.norm(x)
+
+    def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
+        logits = self.lm_head(self.hidden_states(input_ids, attention_mask))
+        if self.config.shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits

@@ -1,0 +1,49 @@
+"""QuantLinear: a linear whose input is fake-quantized on the fly (weights are quantized by methods)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import fake_quant
+from .spec import QuantSpec
+
+
+class ActQuantizer(nn.Module):
+    """Per-token dynamic fake quantizer over the last dim; the identity at 16 bits."""
+
+    def __init__(self, bits: int = 16, sym: bool = False, clip_ratio: float = 1.0):
+        super().__init__()
+        self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.bits >= 16 else fake_quant(x, self.bits, self.sym, None, self.clip_ratio)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}"
+
+
+class QuantLinear(nn.Module):
+    """``F.linear(act_quant(input_transform(x)), weight, bias)``.
+
+    Shares the wrapped ``nn.Linear``'s weight and bias parameters (no copy), so state-dict keys
+    stay ``<name>.weight`` / ``<name>.bias``. ``spec`` records how the layer was quantized;
+    ``input_transform`` is a slot for an online transform (e.g. a Hadamard rotation).
+    """
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, input_transform: nn.Module | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.spec = spec
+        self.act_quant = ActQuantizer(spec.a_bits, spec.a_sym, spec.a_clip_ratio)
+        self.input_transform = input_transform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        return F.linear(self.act_quant(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}"

@@ -1,0 +1,121 @@
+"""QuantSpec: what to quantize and how, parsed from bit strings such as ``"w4a16g128"``.
+
+Grammar: ``fp16 | bf16 | fp`` (no quantization) or ``w{2..8}a{4,8,16}[g{group}][_sym|_asym][kv{2..8}]``.
+The ``_sym`` / ``_asym`` suffix is about weights. Defaults, following common practice:
+
+* weights: asymmetric for weight-only specs (GPTQ/AWQ), symmetric when activations are
+  quantized too (SmoothQuant/QuaRot); ``group_size=None`` means one scale per output channel;
+* activations: per-token dynamic, asymmetric (``a_sym=False``), no clipping (``a_clip_ratio=1``);
+* KV cache: 16 bits unless ``kv{bits}`` is given (per-token per-head, asymmetric).
+
+``name`` is the canonical bit string; it encodes every grammar field (the sym suffix only when
+it differs from the default) and re-parses to the same spec. ``a_sym`` and ``a_clip_ratio`` are
+keyword options only: they are recorded with the run's quant config, not in the name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+VALID_FORMS = (
+    "fp16 | bf16 | fp (no quantization), or w{2-8}a{4,8,16}[g{group}][_sym|_asym][kv{2-8}], "
+    "e.g. w4a16, w4a16g128, w3a16g128_sym, w4a16g64_asym, w8a8, w4a8, w4a4, w4a4kv4"
+)
+FP_NAMES = ("fp", "fp16", "bf16")
+_PATTERN = re.compile(r"w(\d+)a(\d+)(?:g(\d+))?(?:_(sym|asym))?(?:kv(\d+))?")
+_LOW_BITS = range(2, 9)
+_A_BITS = (4, 8, 16)
+
+
+class QuantSpecError(ValueError):
+    """A bad spec; the message names the input, the reason and the valid forms."""
+
+    def __init__(self, text: str, why: str):
+        super().__init__(f"invalid quantization spec {text!r}: {why}. Valid forms: {VALID_FORMS}")
+        self.why = why
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bit widths and quantizer options of one run; 16 bits means "not quantized"."""
+
+    w_bits: int = 16
+    a_bits: int = 16
+    group_size: int | None = None  # None (or -1) = per output channel
+    w_sym: bool | None = None  # None -> default: asym weight-only, sym when a_bits < 16
+    a_sym: bool = False
+    a_clip_ratio: float = 1.0
+    kv_bits: int = 16
+
+    def __post_init__(self):
+        if self.group_size == -1:
+            object.__setattr__(self, "group_size", None)
+        if self.w_sym is None:
+            object.__setattr__(self, "w_sym", self.a_bits < 16)
+        why = self._problem()
+        if why:
+            raise QuantSpecError(repr(self), why)
+
+    def _problem(self) -> str | None:
+        if self.w_bits == 16:
+            fp = (self.a_bits, self.kv_bits, self.group_size) == (16, 16, None)
+            return None if fp else "16-bit weights with quantized activations/KV or groups"
+        if self.w_bits not in _LOW_BITS:
+            return f"w_bits must be 2..8 (or 16 = none), got {self.w_bits}"
+        if self.a_bits not in _A_BITS:
+            return f"a_bits must be one of {_A_BITS}, got {self.a_bits}"
+        if self.kv_bits != 16 and self.kv_bits not in _LOW_BITS:
+            return f"kv_bits must be 2..8 (or 16 = none), got {self.kv_bits}"
+        if self.group_size is not None and self.group_size <= 0:
+            return f"group size must be positive (or -1 = per channel), got {self.group_size}"
+        if not 0 < self.a_clip_ratio <= 1:
+            return f"a_clip_ratio must be in (0, 1], got {self.a_clip_ratio}"
+        return None
+
+    @classmethod
+    def parse(cls, text: str, **overrides) -> QuantSpec:
+        """Parse a bit string; keyword ``overrides`` (any field) win over the string and defaults."""
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown QuantSpec option(s) {sorted(unknown)}")
+        s = str(text).strip().lower()
+        parsed = {}
+        if s not in FP_NAMES:
+            m = _PATTERN.fullmatch(s)
+            if m is None:
+                raise QuantSpecError(text, "unrecognised form")
+            w, a, g, sym, kv = m.groups()
+            parsed = dict(w_bits=int(w), a_bits=int(a), kv_bits=int(kv) if kv else 16)
+            if g is not None:
+                parsed["group_size"] = int(g)
+            if sym is not None:
+                parsed["w_sym"] = sym == "sym"
+        try:
+            return cls(**{**parsed, **overrides})
+        except QuantSpecError as e:
+            raise QuantSpecError(text, e.why) from None
+
+    @property
+    def is_fp(self) -> bool:
+        return self.w_bits == 16
+
+    @property
+    def weight_only(self) -> bool:
+        return not self.is_fp and self.a_bits == 16 and self.kv_bits == 16
+
+    @property
+    def name(self) -> str:
+        if self.is_fp:
+            return "fp"
+        s = f"w{self.w_bits}a{self.a_bits}"
+        if self.group_size is not None:
+            s += f"g{self.group_size}"
+        if self.w_sym != (self.a_bits < 16):
+            s += "_sym" if self.w_sym else "_asym"
+        if self.kv_bits != 16:
+            s += f"kv{self.kv_bits}"
+        return s
+
+    def __str__(self) -> str:
+        return self.name
