@@ -75,7 +75,7 @@ class Block(nn.Module):
 
 
 class DiffusionLM(nn.Module):
-    """``forward(input_ids, attention_mask=None) -> logits [B, L, V]`` aligned to positions.
+    """``forward(input_ids, attention_mask=None, positions=None) -> logits`` aligned to positions.
 
     ``attention_mask`` [B, L] (1 = real token, 0 = padding) hides padded keys and shifts
     RoPE positions so a left-padded row computes exactly what the unpadded row would.
@@ -122,8 +122,9 @@ class DiffusionLM(nn.Module):
             x = block(x, cos, sin, mask)
         return self.norm(x)
 
-    def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
-        logits = self.lm_head(self.hidden_states(input_ids, attention_mask))
+    def forward(self, input_ids, attention_mask=None, positions: slice | None = None) -> torch.Tensor:
+        """Logits [B, L, V]; with ``positions``, only those columns (the LM head runs on them only)."""
+        h = self.hidden_states(input_ids, attention_mask)
         if self.config.shift_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+        return self.lm_head(h if positions is None else h[:, positions])

@@ -1,0 +1,380 @@
+"""Masked-diffusion sampling (LLaDA blocks, Dream timesteps) and the Monte-Carlo ELBO likelihood.
+
+Everything works on batches of prompts of different lengths. Generation left-pads, so the
+generated region occupies the same columns in every row; the likelihood right-pads. Pads are
+hidden through ``attention_mask``, so a row computes what it would alone.
+
+The samplers follow LLaDA's ``generate.py`` and Dream's ``generation_utils._sample``; they
+only read logits where a decision is made (LLaDA: the current block; Dream: masked tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+LLADA_REMASKING = ("low_confidence", "random")
+DREAM_ALGS = ("entropy", "maskgit_plus", "topk_margin", "origin")
+
+
+@dataclass
+class GenerationConfig:
+    """Sampler settings; ``sampler=None`` picks the model family's sampler."""
+
+    gen_length: int = 256
+    steps: int = 256
+    block_length: int = 32
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    alg: str = "entropy"
+    alg_temp: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3
+    sampler: str | None = None
+
+    def __post_init__(self):
+        for name in ("gen_length", "steps", "block_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0 or self.alg_temp < 0 or self.cfg_scale < 0:
+            raise ValueError("temperature, alg_temp and cfg_scale must be >= 0")
+        if self.remasking not in LLADA_REMASKING:
+            raise ValueError(f"remasking {self.remasking!r} not in {LLADA_REMASKING}")
+        if self.alg not in DREAM_ALGS:
+            raise ValueError(f"alg {self.alg!r} not in {DREAM_ALGS}")
+        if self.sampler not in (None, "llada", "dream"):
+            raise ValueError(f"sampler {self.sampler!r} must be 'llada', 'dream' or None")
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _pad_id(model) -> int:
+    cfg = model.config
+    return next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
+
+
+def _pad(rows: list[torch.Tensor], value, left: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack 1-D tensors padded to one length; also the attention mask (None if no padding)."""
+    n = max(len(r) for r in rows)
+    out = torch.full((len(rows), n), value, dtype=rows[0].dtype)
+    attn = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(n - len(r), n) if left else slice(0, len(r))
+        out[i, cols], attn[i, cols] = r, 1
+    return out, (None if bool(attn.all()) else attn)
+
+
+def _top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``k[b]`` highest ``scores[b]`` per row (vectorized, k varies by row)."""
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return rank < k[:, None]
+
+
+def _gumbel(shape, device, generator) -> torch.Tensor:
+    u = torch.rand(shape, device=device, generator=generator, dtype=torch.float64)
+    return -torch.log(-torch.log(u.clamp_min(1e-20)))
+
+
+def _forbid_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Never predict the mask token itself (a broken or random model may prefer it)."""
+    logits[..., mask_id] = -torch.inf
+    return logits
+
+
+def _chunks(seq: list, size: int):
+    return (seq[i : i + size] for i in range(0, len(seq), size))
+
+
+# ------------------------------------------------------------------------------------ LLaDA
+
+
+def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B, steps] tokens to unmask per step: an even split, the remainder to the first steps."""
+    base, rem = n_masked // steps, n_masked % steps
+    extra = torch.arange(steps, device=n_masked.device) < rem[:, None]
+    return base[:, None] + extra.long()
+
+
+def _llada_logits(model, x, attn, prompt_cols, cfg_scale, cols: slice) -> torch.Tensor:
+    """Logits of columns ``cols``, with LLaDA's unsupervised classifier-free guidance."""
+    if cfg_scale <= 0:
+        return model(x, attention_mask=attn, positions=cols)
+    un_x = x.masked_fill(prompt_cols, model.config.mask_token_id)
+    both = model(torch.cat([x, un_x]), attention_mask=None if attn is None else attn.repeat(2, 1),
+                 positions=cols)
+    cond, un = both.chunk(2)
+    return un + (cfg_scale + 1) * (cond - un)
+
+
+def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar):
+    """LLaDA semi-autoregressive sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:]."""
+    mask_id, n_blocks = model.config.mask_token_id, cfg.gen_length // cfg.block_length
+    steps = cfg.steps // n_blocks
+    prompt_cols = torch.zeros_like(x, dtype=torch.bool)
+    prompt_cols[:, :gen_start] = True if attn is None else attn[:, :gen_start].bool()
+    for b in range(n_blocks):
+        cols = slice(gen_start + b * cfg.block_length, gen_start + (b + 1) * cfg.block_length)
+        schedule = num_transfer_tokens((x[:, cols] == mask_id).sum(1), steps)
+        for i in range(steps):
+            bar.update()
+            if not schedule[:, i].any():
+                continue
+            logits = _forbid_mask(_llada_logits(model, x, attn, prompt_cols, cfg.cfg_scale, cols), mask_id)
+            if cfg.temperature > 0:  # Gumbel-max in float64, exactly as LLaDA's add_gumbel_noise
+                u = torch.rand(logits.shape, device=x.device, generator=generator, dtype=torch.float64)
+                x0 = (logits.double().exp() / (-torch.log(u)) ** cfg.temperature).argmax(-1)
+            else:
+                x0 = logits.argmax(-1)
+            if cfg.remasking == "low_confidence":
+                conf = torch.softmax(logits.double(), -1).gather(-1, x0[..., None]).squeeze(-1)
+            else:
+                conf = torch.rand(x0.shape, device=x.device, generator=generator, dtype=torch.float64)
+            block = x[:, cols]
+            conf = conf.masked_fill(block != mask_id, -torch.inf)
+            transfer = _top_k_mask(conf, schedule[:, i])
+            x[:, cols] = torch.where(transfer, x0, block)
+
+
+# ------------------------------------------------------------------------------------ Dream
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, idx = logits.sort(-1, descending=True)
+    remove = sorted_logits.softmax(-1).cumsum(-1) > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    return logits.masked_fill(remove.scatter(-1, idx, remove), torch.finfo(logits.dtype).min)
+
+
+def _top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    kth = logits.topk(min(top_k, logits.size(-1)), -1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def _sample_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator):
+    """Dream's ``sample_tokens`` on [N, V] logits -> (confidence [N], tokens [N])."""
+    logits = logits.float()
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    if cfg.top_p is not None and cfg.top_p < 1:
+        logits = _top_p_filter(logits, cfg.top_p)
+    if cfg.top_k is not None:
+        logits = _top_k_filter(logits, cfg.top_k)
+    probs = logits.softmax(-1)
+    if cfg.temperature > 0:
+        x0 = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+    else:
+        conf, x0 = probs.max(-1)
+    if cfg.alg == "topk_margin":
+        top2 = probs.topk(2, -1).values
+        conf = top2[:, 0] - top2[:, 1]
+    elif cfg.alg == "entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    return conf, x0
+
+
+def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar):
+    """Dream's timestep sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:]."""
+    mask_id = model.config.mask_token_id
+    timesteps = torch.linspace(1, cfg.eps, cfg.steps + 1, device=x.device)
+    gen = x[:, gen_start:]  # a view: writing it writes x
+    for i in range(cfg.steps):
+        bar.update()
+        masked = gen == mask_id
+        if not masked.any():
+            continue
+        logits = _forbid_mask(model(x, attention_mask=attn, positions=slice(gen_start, None)), mask_id)
+        last = i == cfg.steps - 1
+        ratio = 1 - timesteps[i + 1] / timesteps[i]
+        if cfg.alg == "origin":  # each masked token moves with probability 1 - s/t
+            u = torch.rand(masked.shape, device=x.device, generator=generator)
+            transfer = masked & (u < (1.0 if last else ratio))
+            if transfer.any():
+                gen[transfer] = _sample_tokens(logits[transfer], cfg, generator)[1]
+            continue
+        conf, x0 = _sample_tokens(logits[masked], cfg, generator)
+        full_conf = torch.full(masked.shape, -torch.inf, device=x.device, dtype=torch.float64)
+        full_conf[masked] = conf.double()
+        if cfg.alg_temp > 0:  # Gumbel-top-k == sampling positions from softmax(conf / alg_temp)
+            full_conf = full_conf / cfg.alg_temp + _gumbel(masked.shape, x.device, generator)
+        n_masked = masked.sum(1)
+        k = n_masked if last else (n_masked.float() * ratio).long()
+        transfer = _top_k_mask(full_conf, k)
+        candidates = torch.full_like(gen, mask_id)
+        candidates[masked] = x0
+        gen[transfer] = candidates[transfer]
+
+
+# ------------------------------------------------------------------------------- generation
+
+_SAMPLERS = {"llada": _llada_generate, "dream": _dream_generate}
+
+
+def _check_generation(cfg: GenerationConfig, sampler: str, prompts: list[list[int]]):
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {tuple(_SAMPLERS)}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    if sampler == "llada":
+        if cfg.gen_length % cfg.block_length:
+            raise ValueError(
+                f"gen_length {cfg.gen_length} is not a multiple of block_length {cfg.block_length}; "
+                "choose a block_length that divides gen_length"
+            )
+        n_blocks = cfg.gen_length // cfg.block_length
+        if cfg.steps % n_blocks:
+            raise ValueError(
+                f"steps {cfg.steps} is not a multiple of the number of blocks {n_blocks}; "
+                f"use steps = a multiple of {n_blocks}"
+            )
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    *,
+    batch_size: int = 16,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Generate ``cfg.gen_length`` tokens after each prompt; returns only those, in prompt order.
+
+    Prompts are sorted by length, batched ``batch_size`` at a time with left padding, and
+    sampled with LLaDA's or Dream's algorithm. ``generator`` (on ``model.device``) drives all
+    randomness; None uses torch's global RNG.
+    """
+    sampler = cfg.sampler or model.config.family
+    _check_generation(cfg, sampler, prompts)
+    device, mask_id, pad_id = model.device, model.config.mask_token_id, _pad_id(model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int] | None] = [None] * len(prompts)
+    n_batches = -(-len(prompts) // batch_size)
+    with tqdm(total=n_batches * cfg.steps, disable=not progress, desc="generate") as bar:
+        for idx in _chunks(order, batch_size):
+            rows = [torch.tensor(prompts[i] + [mask_id] * cfg.gen_length) for i in idx]
+            x, attn = _pad(rows, pad_id, left=True)
+            x, attn = x.to(device), None if attn is None else attn.to(device)
+            gen_start = x.shape[1] - cfg.gen_length
+            _SAMPLERS[sampler](model, x, attn, gen_start, cfg, generator, bar)
+            for i, row in zip(idx, x[:, gen_start:].tolist()):
+                out[i] = row
+    return out
+
+
+# ------------------------------------------------------------------------------- likelihood
+
+
+def request_seed(seed: int, prefix: list[int], target: list[int]) -> int:
+    """The seed of one request's masks: a hash of (seed, prefix, target), so batching is irrelevant."""
+    digest = hashlib.sha256(repr((seed, list(prefix), list(target))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def mc_masks(n_target: int, mc_num: int, generator: torch.Generator) -> torch.Tensor:
+    """[mc_num, n_target] masks with stratified counts, as LLaDA's ``_forward_process``.
+
+    Counts are ``k, k + T/mc, k + 2T/mc, ...`` (rounded, wrapped into [1, T]) from one
+    ``k ~ U{1..T}``; each sample masks exactly its count of positions, chosen at random.
+    """
+    k = int(torch.randint(1, n_target + 1, (), generator=generator))
+    counts = torch.linspace(k, k + (mc_num - 1) * n_target / mc_num, mc_num).round().long()
+    counts = (counts - 1) % n_target + 1
+    rank = torch.rand(mc_num, n_target, generator=generator).argsort(1).argsort(1)
+    return rank < counts[:, None]
+
+
+def _mc_rows(requests, order, mc_num: int, seed: int):
+    """Yield (request index, clean sequence, mask) for every Monte-Carlo sample, request by request."""
+    for i in order:
+        prefix, target = requests[i]
+        g = torch.Generator().manual_seed(request_seed(seed, prefix, target))
+        seq = torch.tensor(list(prefix) + list(target))
+        masks = F.pad(mc_masks(len(target), mc_num, g), (len(prefix), 0), value=False)
+        for m in masks:
+            yield i, seq, m
+
+
+def _batched(it, n: int):
+    batch = []
+    for item in it:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _elbo_losses(model, seqs: list[torch.Tensor], masks: list[torch.Tensor], n_targets) -> torch.Tensor:
+    """Per row: sum of CE over masked positions / (masked fraction of the target)."""
+    device = model.device
+    ids, attn = _pad(seqs, _pad_id(model), left=False)
+    is_mask, _ = _pad(masks, False, left=False)
+    ids, is_mask = ids.to(device), is_mask.to(device)
+    noisy = ids.masked_fill(is_mask, model.config.mask_token_id)
+    logits = model(noisy, attention_mask=None if attn is None else attn.to(device))
+    ce = F.cross_entropy(logits[is_mask].float(), ids[is_mask], reduction="none").double()
+    rows = is_mask.nonzero()[:, 0]
+    per_row = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, rows, ce)
+    n_masked = is_mask.sum(1).double()
+    return per_row * torch.tensor(n_targets, dtype=torch.float64, device=device) / n_masked
+
+
+@torch.inference_mode()
+def loglikelihood(
+    model,
+    requests: list[tuple[list[int], list[int]]],
+    *,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Monte-Carlo ELBO estimate of log p(target | prefix) for each (prefix, target).
+
+    Each request draws ``mc_num`` masks of its target (the prefix is never masked) from a
+    generator seeded by ``request_seed(seed, prefix, target)``, so a request's estimate does
+    not depend on the other requests, their order, or ``batch_size``. Samples of several
+    requests share forward passes of ``batch_size`` rows (right-padded, pads hidden).
+    """
+    if mc_num < 1 or batch_size < 1:
+        raise ValueError(f"mc_num and batch_size must be >= 1, got {mc_num}, {batch_size}")
+    for prefix, target in requests:
+        if len(target) == 0:
+            raise ValueError(f"empty target for prefix of {len(prefix)} tokens")
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]) + len(requests[i][1]))
+    totals = [0.0] * len(requests)
+    n_batches = -(-len(requests) * mc_num // batch_size)
+    rows = _mc_rows(requests, order, mc_num, seed)
+    for batch in tqdm(_batched(rows, batch_size), total=n_batches, disable=not progress, desc="loglik"):
+        idx, seqs, masks = zip(*batch)
+        n_targets = [len(requests[i][1]) for i in idx]
+        for i, loss in zip(idx, _elbo_losses(model, seqs, masks, n_targets).tolist()):
+            totals[i] += loss
+    return [-t / mc_num for t in totals]
+
+
+def rolling_loglikelihood(
+    model, tokens: list[int], *, max_length: int, mc_num: int = 32, batch_size: int = 32, seed: int = 0
+) -> float:
+    """Lower bound of log p(tokens): sum of the ELBOs of non-overlapping windows of ``max_length``.
+
+    Each window is scored alone (empty prefix), so the result bounds the log-likelihood from
+    below (perplexity from above) and ignores context across window edges.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not tokens:
+        return 0.0
+    windows = [([], tokens[i : i + max_length]) for i in range(0, len(tokens), max_length)]
+    return sum(loglikelihood(model, windows, mc_num=mc_num, batch_size=batch_size, seed=seed))

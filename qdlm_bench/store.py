@@ -1,0 +1,171 @@
+"""Result records: one pretty-printed JSON file per run, keyed by a hash of the semantic spec.
+
+A record's ``key`` hashes its whole ``spec``; its ``baseline_key`` hashes only the fields an FP
+run shares with every quantized run of the same study (model, tasks, eval, dtype, seed), so
+tables find the FP baseline of any record. Writes are atomic: a reader sees the old file or the
+new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from qdlm_bench import __version__
+
+BASELINE_FIELDS = ("model", "tasks", "eval", "dtype", "seed")
+_DERIVED = ("key", "baseline_key", "spec")  # new_record computes these; callers cannot set them
+RECORD_DEFAULTS: dict[str, Any] = {
+    "sweep": None, "status": "done", "error": None, "metrics": {}, "timings": {}, "device": None,
+}
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:16]
+
+
+def spec_key(spec: dict) -> str:
+    """First 16 hex digits of the sha256 of the spec's canonical JSON (key order is irrelevant)."""
+    return _hash(spec)
+
+
+def baseline_key(spec: dict) -> str:
+    """Key shared by the FP run and every quantized run of the same model/tasks/eval/dtype/seed."""
+    missing = [f for f in BASELINE_FIELDS if f not in spec]
+    if missing:
+        raise ValueError(f"spec lacks baseline field(s) {missing}; needs all of {BASELINE_FIELDS}")
+    return _hash({f: spec[f] for f in BASELINE_FIELDS})
+
+
+def _name(section: Any) -> Any:
+    """The name of a spec section: {"name": ...} dicts give their name, plain values themselves."""
+    return section.get("name") if isinstance(section, dict) else section
+
+
+@functools.lru_cache(maxsize=1)
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def collect_versions() -> dict[str, str | None]:
+    """Versions of the packages that decide a result, plus the repo's git sha (None if unknown)."""
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"qdlm_bench": __version__, "torch": version("torch"),
+            "transformers": version("transformers"), "lm_eval": version("lm_eval"),
+            "python": platform.python_version(), "git_sha": _git_sha()}
+
+
+def new_record(spec: dict, **fields: Any) -> dict:
+    """A result record for `spec`; `fields` (status, error, metrics, timings, sweep, device, ...)
+    override the defaults. key, baseline_key and spec always come from `spec`."""
+    bad = [f for f in fields if f in _DERIVED]
+    if bad:
+        raise ValueError(f"{bad} are derived from the spec and cannot be passed to new_record")
+    record = {
+        "key": spec_key(spec), "baseline_key": baseline_key(spec), "spec": spec,
+        "model": _name(spec.get("model")), "method": _name(spec.get("method")),
+        "bits": (spec.get("quant") or {}).get("bits"),
+        **RECORD_DEFAULTS,
+        "dtype": spec.get("dtype"), "seed": spec.get("seed"),
+        "versions": collect_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    record.update(fields)
+    if record["status"] not in ("done", "failed"):
+        raise ValueError(f"status must be 'done' or 'failed', got {record['status']!r}")
+    return record
+
+
+class ResultStore:
+    """A folder of records, one `<key>.json` per run."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path_for(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def _read(self, path: Path) -> dict | None:
+        """The record at `path`; None (with a warning) if it is unreadable or not a record."""
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            warnings.warn(f"skipping unreadable record {path}: {exc}", stacklevel=3)
+            return None
+        if not isinstance(record, dict) or "key" not in record or "spec" not in record:
+            warnings.warn(f"skipping {path}: not a result record", stacklevel=3)
+            return None
+        return record
+
+    def get(self, key: str) -> dict | None:
+        path = self.path_for(key)
+        return self._read(path) if path.exists() else None
+
+    def is_done(self, key: str) -> bool:
+        record = self.get(key)
+        return record is not None and record.get("status") == "done"
+
+    def write(self, record: dict) -> Path:
+        """Atomically write `record` (replacing an earlier record of the same spec)."""
+        key = record.get("key")
+        if "spec" not in record or key != spec_key(record["spec"]):
+            raise ValueError(f"record key {key!r} is not the spec_key of its spec")
+        previous = self.get(key)
+        if previous is not None and _canonical(previous["spec"]) != _canonical(record["spec"]):
+            raise ValueError(f"key collision: {self.path_for(key)} holds a different spec")
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(key)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def records(self, **where: Any) -> list[dict]:
+        """Readable records, sorted by creation time, whose top-level fields match `where`:
+        each value is one allowed value or a list/tuple/set of them; None means no filter."""
+        found = []
+        for path in sorted(self.root.glob("*.json")):
+            record = self._read(path)
+            if record is not None and all(_matches(record.get(f), v) for f, v in where.items()):
+                found.append(record)
+        return sorted(found, key=lambda r: str(r.get("created", "")))
+
+
+def _matches(value: Any, allowed: Any) -> bool:
+    if allowed is None:
+        return True
+    if isinstance(allowed, (list, tuple, set, frozenset)):
+        return value in allowed
+    return value == allowed

@@ -1,0 +1,72 @@
+"""Weights & Biases tracking: one wandb run per result record, grouped by sweep.
+
+mode "disabled" does nothing and never imports wandb; "offline" writes the run under `dir`
+(upload later with `wandb sync <dir>/wandb/offline-run-*`); "online" streams it to the server.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+
+MODES = ("disabled", "offline", "online")
+
+
+def flatten_metrics(record: dict) -> dict[str, float]:
+    """{"<task>/<metric>": value} for every numeric metric of every task (each task's "all" dict,
+    else its primary value and stderr) and {"time/<name>": seconds} for the timings."""
+    flat = {}
+    for task, result in (record.get("metrics") or {}).items():
+        values = result.get("all") or {result.get("metric", "value"): result.get("value"),
+                                       "stderr": result.get("stderr")}
+        flat.update({f"{task}/{name}": v for name, v in values.items()})
+    flat.update({f"time/{name}": v for name, v in (record.get("timings") or {}).items()})
+    return {k: v for k, v in flat.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+@dataclass(frozen=True)
+class WandbLogger:
+    """Logs result records to wandb; build it from the `wandb` config group: WandbLogger(**cfg)."""
+
+    mode: str = "disabled"
+    project: str = "qdlm-bench"
+    entity: str | None = None
+    group: str | None = None  # default: the record's sweep name
+    dir: str | Path | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"wandb mode must be one of {MODES}, got {self.mode!r}")
+
+    def log_record(self, record: dict) -> Path | None:
+        """Log `record` as one finished wandb run: config = spec; metrics flattened as
+        <task>/<metric> and time/<name>; status, error and keys in the summary; the record JSON
+        as a "result-record" artifact. Returns the run's local folder (None when disabled)."""
+        if self.mode == "disabled":
+            return None
+        import wandb
+
+        if self.dir is not None:
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+        labels = [record.get(f) for f in ("model", "method", "bits")]
+        with wandb.init(
+            mode=self.mode, project=self.project, entity=self.entity, dir=self.dir,
+            group=self.group or record.get("sweep"), job_type="eval",
+            name="/".join(str(x) for x in labels if x is not None) or None,
+            tags=[str(x)[:64] for x in labels if x is not None],
+            config=record.get("spec") or {},
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        ) as run:
+            run.log(flatten_metrics(record))
+            run.summary.update({f: record.get(f) for f in
+                                ("status", "error", "key", "baseline_key", "model", "method", "bits")})
+            artifact = wandb.Artifact(f"record-{record['key']}", type="result-record",
+                                      metadata={f: record.get(f) for f in ("model", "method", "bits", "status")})
+            with artifact.new_file("record.json") as f:
+                json.dump(record, f, indent=2)
+            run.log_artifact(artifact)
+        if wandb.run is None:  # wandb-core writes the run file lazily; shutting it down flushes it
+            wandb.teardown()
+        return Path(run.settings.sync_dir)
