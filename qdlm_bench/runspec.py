@@ -1,0 +1,118 @@
+"""A run's validated specification: everything that defines its result, checked up front.
+
+Bad input (unknown method, bad bit string, missing checkpoint folder, unknown task, task data
+absent offline) fails here with a message naming the fix, before any weights load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import methods
+from qdlm_bench import evaluation
+from qdlm_bench.quant import QuantSpec
+
+MODEL_FIELDS = ("name", "family", "hub_id", "path", "shape", "tokenizer", "mask_token_id",
+                "chat_template", "generation")
+
+
+class ConfigError(ValueError):
+    """A run's configuration is invalid; the message says how to fix it."""
+
+
+@dataclass
+class RunSpec:
+    model: dict
+    method: dict
+    quant: QuantSpec
+    exclude: tuple[str, ...]
+    tasks: list[str]
+    eval: dict
+    settings: evaluation.EvalSettings
+    dtype: str
+    device: str
+    seed: int
+
+    def semantic(self) -> dict:
+        """What defines the result (the store key hashes this); devices and paths excluded."""
+        model = {k: v for k, v in self.model.items() if k not in ("path", "hub_id")}
+        model["source"] = (checkpoint_fingerprint(self.model["path"]) if self.model.get("path")
+                           else self.model.get("hub_id") or self.model.get("shape"))
+        evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "batch_size")}
+        return {"model": model, "method": self.method,
+                "quant": {"bits": self.quant.name, "exclude": list(self.exclude)},
+                "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed}
+
+
+def checkpoint_fingerprint(folder: str) -> str:
+    """Identifies a local checkpoint by content, not location: its config and weight file sizes."""
+    folder = Path(folder).expanduser()
+    parts = [(folder / "config.json").read_text()]
+    parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(folder.glob("*.safetensors"))]
+    return "local:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConfigError(f"dtype={dtype!r} is not a torch dtype; use auto, bfloat16, float16 or float32")
+    return dtype
+
+
+def check_model(model: dict) -> dict:
+    unknown = set(model) - set(MODEL_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown model field(s) {sorted(unknown)}; valid: {list(MODEL_FIELDS)}")
+    if model.get("path"):
+        folder = Path(model["path"]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.path={folder} holds no config.json: point it at a checkpoint "
+                              "folder (config.json, tokenizer files, *.safetensors)")
+    elif not (model.get("hub_id") or model.get("shape")):
+        raise ConfigError(f"model {model.get('name')!r} needs model.path (a local checkpoint folder), "
+                          "model.hub_id or model.shape (random weights)")
+    return model
+
+
+def build(cfg: dict) -> RunSpec:
+    """Validate a resolved Hydra config (as a plain dict) into a RunSpec."""
+    method = dict(cfg["method"])
+    name = method.get("name")
+    if name not in methods.available():
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(methods.available())}")
+    try:
+        quant = QuantSpec.parse("fp16" if name == "fp" else str(cfg["bits"]))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if name != "fp" and quant.is_fp:
+        raise ConfigError(f"method {name} quantizes, but bits={cfg['bits']} is full precision; "
+                          "use method=fp for the baseline or a bit string like w4a16")
+    model = check_model(dict(cfg["model"]))
+    eval_cfg = dict(cfg["eval"])
+    eval_cfg["data_dir"] = str(eval_cfg.get("data_dir") or evaluation.default_data_dir())
+    if eval_cfg.get("apply_chat_template") is None:
+        eval_cfg["apply_chat_template"] = bool(model.get("chat_template"))
+    tasks = list(cfg["tasks"])
+    try:
+        settings = evaluation.EvalSettings.from_dict(
+            {**eval_cfg, "seed": int(cfg["seed"])}, generation_defaults=model.get("generation") or {})
+        evaluation.validate_tasks(tasks, settings.data_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    device = resolve_device(str(cfg["device"]))
+    return RunSpec(model=model, method=method, quant=quant, exclude=tuple(cfg["quant"].get("exclude") or ()),
+                   tasks=tasks, eval=eval_cfg, settings=settings,
+                   dtype=resolve_dtype(str(cfg["dtype"]), device), device=device, seed=int(cfg["seed"]))
