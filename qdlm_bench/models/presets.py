@@ -21,11 +21,11 @@ SHAPES: dict[str, DLLMConfig] = {
         max_seq_len=131072, mask_token_id=151666, eos_token_id=151643, pad_token_id=151643),
     "tiny-llada": DLLMConfig(
         family="llada", vocab_size=128, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
-        rope_theta=500000.0, norm_eps=1e-5, max_seq_len=256,
+        rope_theta=500000.0, norm_eps=1e-5, max_seq_len=2048,
         mask_token_id=127, eos_token_id=126, pad_token_id=126),
     "tiny-dream": DLLMConfig(
         family="dream", vocab_size=128, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256,
-        rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, shift_logits=True, max_seq_len=256,
+        rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, shift_logits=True, max_seq_len=2048,
         mask_token_id=127, eos_token_id=126, pad_token_id=126),
 }
 

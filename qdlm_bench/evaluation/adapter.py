@@ -1,0 +1,142 @@
+"""The lm-eval model of an in-memory DiffusionLM (FP or quantized): likelihoods and generation.
+
+- ``loglikelihood``: the Monte-Carlo ELBO of ``diffusion.loglikelihood`` with the task's
+  ``mc_num``. ``is_greedy`` is always False: checking it would need a full decoding of every
+  target, and no task used here reads it (multiple-choice tasks compare likelihoods;
+  lm-eval's ``acc`` of plain ``loglikelihood`` tasks such as lambada would read 0).
+- ``loglikelihood_rolling``: the ELBO bound of ``diffusion.rolling_loglikelihood`` over
+  non-overlapping windows of ``max_length`` tokens (perplexities are upper bounds).
+- ``generate_until``: ``diffusion.generate`` with the task's GenerationConfig; the output is cut
+  at the first special token (EOS, end of turn...), decoded, then cut at the first ``until``
+  string. lm-eval's ``max_gen_toks``, ``do_sample`` are ignored: ``gen_length`` rules.
+
+Requests are grouped by ``Instance.task_name`` so that each task gets its own settings
+(``EvalSettings.for_task``). Prompts longer than ``max_length`` (default: the model's
+``max_seq_len``) lose their oldest tokens, as lm-eval's HF model does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from qdlm_bench import diffusion
+
+from .settings import EvalSettings
+
+log = logging.getLogger(__name__)
+
+
+@register_model("qdlm")
+class DiffusionLMAdapter(LM):
+    """An lm-eval ``LM`` around ``model`` (DiffusionLM) and its Hugging Face tokenizer."""
+
+    def __init__(self, model, tokenizer, settings: EvalSettings | None = None):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = settings or EvalSettings()
+        self._device = model.device
+        self._stop_ids = set(tokenizer.all_special_ids) | {model.config.eos_token_id, model.config.mask_token_id}
+
+    # ------------------------------------------------------------------------- tokenization
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with the tokenizer's BOS unless the text already starts with it."""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: trailing spaces move to the continuation; tokens of the whole string."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole, prefix = self.encode(context + continuation), self.encode(context)
+        return whole[: len(prefix)], whole[len(prefix) :]
+
+    def decode(self, tokens: list[int]) -> str:
+        """Text of generated tokens up to the first special token (EOS, end of turn, mask)."""
+        end = next((i for i, t in enumerate(tokens) if t in self._stop_ids), len(tokens))
+        return self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+
+    def _max_length(self, task: str) -> int:
+        return self.settings.for_task(task)["max_length"] or self.model.config.max_seq_len
+
+    # ---------------------------------------------------------------------- lm-eval methods
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        out = [None] * len(requests)
+        for task, idx in _by_task(requests).items():
+            limit = self._max_length(task)
+            pairs = [self.encode_pair(*requests[i].args) for i in idx]
+            _warn_truncated(task, sum(len(p) + len(t) > limit for p, t in pairs), limit)
+            pairs = [(p[max(0, len(p) + len(t) - limit) :], t) for p, t in pairs]
+            lls = diffusion.loglikelihood(
+                self.model, pairs, mc_num=self.settings.for_task(task)["mc_num"],
+                batch_size=self.settings.batch_size, seed=self.settings.seed, progress=self.settings.progress)
+            for i, ll in zip(idx, lls):
+                out[i] = (ll, False)
+        return out
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        out = []
+        for req in requests:
+            task = req.task_name or ""
+            tokens = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
+            out.append(diffusion.rolling_loglikelihood(
+                self.model, tokens, max_length=self._max_length(task), mc_num=self.settings.for_task(task)["mc_num"],
+                batch_size=self.settings.batch_size, seed=self.settings.seed))
+        return out
+
+    def generate_until(self, requests) -> list[str]:
+        out = [None] * len(requests)
+        for task, idx in _by_task(requests).items():
+            cfg = self.settings.generation_config(task, requests[idx[0]].args[1])
+            keep = max(1, self._max_length(task) - cfg.gen_length)
+            prompts = [self.encode(requests[i].args[0]) for i in idx]
+            _warn_truncated(task, sum(len(p) > keep for p in prompts), keep)
+            prompts = [p[-keep:] for p in prompts]
+            generator = torch.Generator(self.model.device).manual_seed(self.settings.seed)
+            tokens = diffusion.generate(self.model, prompts, cfg, batch_size=self.settings.batch_size,
+                                        generator=generator, progress=self.settings.progress)
+            for i, toks in zip(idx, tokens):
+                out[i] = cut_at_stops(self.decode(toks), requests[i].args[1].get("until"))
+        return out
+
+    # ------------------------------------------------------------------------ chat template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.tokenizer.chat_template:
+            raise ValueError("apply_chat_template is on, but the tokenizer has no chat template; "
+                             "set eval.apply_chat_template=false or use an instruct model's tokenizer")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template if chat_template else None
+
+
+def _warn_truncated(task: str, n: int, kept: int):
+    if n:
+        log.warning("%s: %d prompt(s) longer than the model window; kept their last %d tokens "
+                    "(raise max_length or the model's max_seq_len to avoid this)", task, n, kept)
+
+
+def _by_task(requests) -> dict[str, list[int]]:
+    groups = defaultdict(list)
+    for i, req in enumerate(requests):
+        groups[req.task_name or ""].append(i)
+    return groups
+
+
+def cut_at_stops(text: str, until: str | list[str] | None) -> str:
+    """``text`` up to the earliest occurrence of any stop string."""
+    stops = [until] if isinstance(until, str) else list(until or [])
+    return text[: min([text.find(s) for s in stops if s and s in text], default=len(text))]

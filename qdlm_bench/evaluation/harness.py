@@ -1,0 +1,114 @@
+"""``run``: evaluate an in-memory model on tasks with lm-eval; one primary metric per task.
+
+Primary metrics (all of lm-eval's metrics are kept under "all"):
+
+| task prefix                        | primary metric               | why                                    |
+|------------------------------------|------------------------------|----------------------------------------|
+| gsm8k                              | exact_match,flexible-extract | last number of the answer; robust to   |
+|                                    |                              | formats ("strict-match" needs "#### N")|
+| minerva_math, hendrycks_math,      | exact_match,none             | final answer vs gold (math500_local:   |
+| math500                            |                              | normalized / numeric equality)         |
+| humaneval, mbpp                    | pass@1,none                  | executed tests (pass@1 of lm-eval too) |
+| arc_challenge, hellaswag           | acc_norm,none                | length-normalized, as commonly reported|
+| arc_easy, piqa, winogrande, mmlu   | acc,none                     | plain accuracy                         |
+| wikitext                           | word_perplexity,none         | lm-eval's headline (an upper bound: the|
+|                                    |                              | ELBO bounds the likelihood from below) |
+
+Other tasks (e.g. mini_*) take the first of ``FALLBACK_METRICS`` they report; a metric whose
+filter differs (lm-eval's humaneval reports "pass@1,create_test") matches by its name.
+hellaswag_local is a 1000-example subset of HellaSwag's validation set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lm_eval
+
+from . import tasks as task_resolution
+from .adapter import DiffusionLMAdapter
+from .settings import EvalSettings, longest_prefix
+
+PRIMARY_METRICS = {
+    "gsm8k": "exact_match,flexible-extract",
+    "minerva_math": "exact_match,none",
+    "hendrycks_math": "exact_match,none",
+    "math500": "exact_match,none",
+    "humaneval": "pass@1,none",
+    "mbpp": "pass@1,none",
+    "arc_easy": "acc,none",
+    "arc_challenge": "acc_norm,none",
+    "hellaswag": "acc_norm,none",
+    "piqa": "acc,none",
+    "winogrande": "acc,none",
+    "mmlu": "acc,none",
+    "wikitext": "word_perplexity,none",
+}
+FALLBACK_METRICS = ("pass@1,none", "exact_match,flexible-extract", "exact_match,strict-match",
+                    "exact_match,none", "acc,none", "acc_norm,none", "word_perplexity,none")
+
+
+def primary_metric(task: str, metrics: dict) -> str:
+    """The metric key reported for ``task`` among lm-eval's ``metrics`` of it."""
+    candidates = [k for k in (longest_prefix(PRIMARY_METRICS, task), *FALLBACK_METRICS) if k]
+    for key in candidates:
+        if key in metrics:
+            return key
+    for key in candidates:
+        same_name = [k for k in metrics if k.startswith(key.partition(",")[0] + ",")]
+        if same_name:
+            return same_name[0]
+    numeric = [k for k, v in metrics.items() if "_stderr," not in k and isinstance(v, (int, float))]
+    if not numeric:
+        raise ValueError(f"task {task!r} reported no metric: {metrics}")
+    return numeric[0]
+
+
+def _number(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def summarize(task: str, metrics: dict) -> dict:
+    """{"metric", "value", "stderr", "all"} of one task's lm-eval results."""
+    key = primary_metric(task, metrics)
+    name, _, filt = key.partition(",")
+    numbers = {k: _number(v) for k, v in metrics.items() if "," in k}
+    return {"metric": key, "value": numbers[key], "stderr": numbers.get(f"{name}_stderr,{filt}"),
+            "all": {k: v for k, v in numbers.items() if v is not None}}
+
+
+def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None) -> dict[str, dict]:
+    """Evaluate ``model`` on ``tasks``: {task: {"metric", "value", "stderr", "all"}}.
+
+    Task names resolve through ``tasks.resolve_tasks`` (project YAMLs with ``data_dir``, else
+    lm-eval names); few-shot counts and sampler settings are per task (``EvalSettings``).
+    Groups (e.g. mmlu_local) report their aggregate. Code tasks execute model output in a
+    subprocess (``qdlm_bench.code_exec``), hence ``confirm_run_unsafe_code``.
+    """
+    settings = settings or EvalSettings()
+    objs = task_resolution.build_tasks(task_resolution.resolve_tasks(tasks, settings.data_dir))
+    for task in task_resolution.leaf_tasks(objs):
+        shots = settings.fewshot_for(task.task_name)
+        if shots is not None:
+            task.set_config(key="num_fewshot", value=shots)
+    chat = bool(settings.apply_chat_template)
+    seed = settings.seed
+    results = lm_eval.simple_evaluate(
+        model=DiffusionLMAdapter(model, tokenizer, settings), tasks=objs, limit=settings.limit,
+        log_samples=settings.log_samples, apply_chat_template=chat, fewshot_as_multiturn=chat,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        confirm_run_unsafe_code=True, task_manager=task_resolution.TaskManager(include_defaults=False),
+    )
+    out = {}
+    for obj in objs:
+        name = getattr(obj, "task_name", None) or obj.name
+        out[name] = summarize(name, results["results"][name])
+        if settings.log_samples:
+            samples = [s for t in task_resolution.leaf_tasks([obj]) for s in results["samples"].get(t.task_name, [])]
+            out[name]["samples"] = json.loads(json.dumps(samples, default=str))
+    return out
