@@ -1,0 +1,83 @@
+"""End to end: Hydra config → validated spec → load → quantize → evaluate → record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from qdlm_bench import pipeline, runspec
+from qdlm_bench.models import random_model, save_model
+from qdlm_bench.store import ResultStore
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["tasks=[mini_qa]", "eval.limit=3", "eval.mc_num=2"]
+
+
+def config(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_sweep_writes_one_record_per_run_and_prints_the_table(tmp_path):
+    cmd = [sys.executable, "run.py", "-m", "method=fp,rtn", "bits=w4a16,w8a8", *FAST,
+           f"store={tmp_path}", "sweep=t", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = ResultStore(tmp_path).records()
+    # fp ignores bits: its two sweep points are one run, evaluated once
+    assert sorted((r["method"], r["bits"]) for r in records) == [("fp", "fp"), ("rtn", "w4a16"), ("rtn", "w8a8")]
+    assert all(r["status"] == "done" and r["sweep"] == "t" for r in records)
+    assert len({r["baseline_key"] for r in records}) == 1 and len({r["dtype"] for r in records}) == 1
+    assert "| w8a8" in out.stdout and "drop %" in out.stdout
+
+
+def test_rerun_skips_finished_runs_unless_forced(tmp_path):
+    cfg = config("method=rtn", "bits=w8a8")
+    first = pipeline.run(cfg, store_root=tmp_path)
+    path = ResultStore(tmp_path).path_for(first["key"])
+    stamp = path.stat().st_mtime_ns
+    assert pipeline.run(cfg, store_root=tmp_path) == first and path.stat().st_mtime_ns == stamp
+    forced = pipeline.run(cfg, store_root=tmp_path, force=True)
+    assert forced["created"] != first["created"] and forced["metrics"] == first["metrics"]
+    record = json.loads(path.read_text())
+    assert set(record["timings"]) >= {"load_s", "quantize_s", "evaluate_s", "total_s"}
+    assert record["metrics"]["mini_qa"]["metric"] == "acc,none"
+
+
+def test_a_failing_run_is_recorded_and_does_not_raise(tmp_path):
+    record = pipeline.run(config("method=rtn", "bits=w4a16g96"), store_root=tmp_path)
+    assert record["status"] == "failed" and "group size 96" in record["error"]
+    assert ResultStore(tmp_path).get(record["key"])["status"] == "failed"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.name=nope", "unknown method 'nope'; available: "),
+    ("bits=w9a16", "w{2-8}a{4,8,16}"),
+    ("method=rtn bits=fp16", "use method=fp"),
+    ("model.path=/nonexistent/llada", "holds no config.json"),
+    ("tasks=[no_such_task_xyz]", "no_such_task_xyz"),
+    ("tasks=[gsm8k_local] eval.data_dir=/nonexistent", "eval.data_dir"),
+    ("eval.nope=1", "unknown eval setting"),
+    ("wandb.mode=sometimes", "wandb"),
+])
+def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr(pipeline, "load_fp_model", lambda *a, **k: pytest.fail("model loaded"))
+    cfg = config(*(["+" + o if o.startswith("eval.nope") else o for o in override.split()]))
+    with pytest.raises(runspec.ConfigError, match=None) as err:
+        pipeline.run(cfg, store_root=tmp_path, wandb_cfg=cfg["wandb"])
+    assert message in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_checkpoint_identity_is_its_content_not_its_folder(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        save_model(random_model("tiny-llada", seed=seed, std=0.1 + seed), tmp_path / name)
+    keys = {n: runspec.build(config(f"model.path={tmp_path / n}")).semantic()["model"]["source"] for n in "abc"}
+    assert keys["a"] == keys["b"] != keys["c"]
