@@ -1,12 +1,13 @@
 """Speed and memory benchmarks, each against a baseline measured in the same run.
 
     python -m qdlm_bench.bench sampler [shape=llada-8b] [batch=16] [prompt_len=500]
-        [gen_length=256] [steps=256] [block_length=32] [baseline_prompts=2] [out=bench.json]
+        [gen_length=256] [steps=256] [block_length=32] [baseline_prompts=2] [compile=0] [out=bench.json]
 
 sampler: our batched LLaDA sampler over ``batch`` prompts of about ``prompt_len`` tokens
 (lengths vary by ±5%, so padding is exercised) against the same sampler run one prompt at a
 time (the reference implementations' loop); reports samples/s of both, the speed-up, and the
-achieved TFLOP/s against the GPU's bf16 dense peak.
+achieved TFLOP/s against the GPU's bf16 dense peak. ``compile=1`` compiles the blocks
+(``compile_blocks``) for both.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 import torch
 
 from qdlm_bench.diffusion import GenerationConfig, generate
-from qdlm_bench.models.presets import SHAPES, random_model
+from qdlm_bench.models.presets import random_model
+from qdlm_bench.models.transformer import compile_blocks
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM spec sheets
 
@@ -61,10 +63,12 @@ def timed_generate(model, prompts, gen: GenerationConfig, batch_size: int) -> fl
 
 def bench_sampler(argv: list[str]) -> dict:
     a = parse_args(argv, dict(shape="llada-8b", batch=16, prompt_len=500, gen_length=256, steps=256,
-                              block_length=32, baseline_prompts=2, seed=0, out=""))
+                              block_length=32, baseline_prompts=2, compile=0, seed=0, out=""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_model(a["shape"], dtype=dtype, device=device, seed=a["seed"]).eval()
+    if a["compile"]:
+        compile_blocks(model)
     cfg = model.config
     g = torch.Generator().manual_seed(a["seed"])
     spread = max(1, a["prompt_len"] // 20)
@@ -74,7 +78,8 @@ def bench_sampler(argv: list[str]) -> dict:
     gen = GenerationConfig(gen_length=a["gen_length"], steps=a["steps"], block_length=a["block_length"],
                            sampler="llada")
     warm = GenerationConfig(gen_length=a["block_length"], steps=2, block_length=a["block_length"], sampler="llada")
-    generate(model, prompts[:2], warm, batch_size=2)  # kernels, allocator
+    for n in (2, 1):  # kernels, allocator (and compilation) for both batch shapes
+        generate(model, prompts[:n], warm, batch_size=n)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     batched_s = timed_generate(model, prompts, gen, batch_size=a["batch"])

@@ -128,3 +128,11 @@ class DiffusionLM(nn.Module):
         if self.config.shift_logits:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
         return self.lm_head(h if positions is None else h[:, positions])
+
+
+def compile_blocks(model: DiffusionLM) -> DiffusionLM:
+    """torch.compile each block in place: one graph shared by all blocks (norms, RoPE and SwiGLU
+    fused around the matmuls); the model keeps its interface and state dict."""
+    for block in model.blocks:
+        block.compile()
+    return model
