@@ -16,8 +16,9 @@ import methods
 from qdlm_bench import evaluation
 from qdlm_bench.quant import QuantSpec
 
-MODEL_FIELDS = ("name", "family", "hub_id", "path", "shape", "tokenizer", "mask_token_id",
+MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer", "mask_token_id",
                 "chat_template", "generation")
+ZOO_DIR = Path(__file__).resolve().parent / "zoo" / "models"
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,12 @@ def check_model(model: dict) -> dict:
     unknown = set(model) - set(MODEL_FIELDS)
     if unknown:
         raise ConfigError(f"unknown model field(s) {sorted(unknown)}; valid: {list(MODEL_FIELDS)}")
+    if model.get("zoo") and not model.get("path"):
+        folder = ZOO_DIR / str(model["zoo"])
+        if not folder.is_dir():
+            shipped = sorted(p.name for p in ZOO_DIR.iterdir()) if ZOO_DIR.is_dir() else []
+            raise ConfigError(f"model.zoo={model['zoo']} is not an embedded model; shipped: {shipped}")
+        model["path"] = str(folder)
     if model.get("path"):
         folder = Path(model["path"]).expanduser()
         if not (folder / "config.json").is_file():

@@ -16,13 +16,21 @@ from qdlm_bench.models import random_model, save_model
 from qdlm_bench.store import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["tasks=[mini_qa]", "eval.limit=3", "eval.mc_num=2"]
+FAST = ["model=tiny_random_llada", "tasks=[mini_qa]", "eval.limit=3", "eval.mc_num=2"]
 
 
-def config(*overrides: str) -> dict:
+def config(*overrides: str, fast: bool = True) -> dict:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*FAST, *overrides])
+        cfg = compose("config", overrides=[*(FAST if fast else []), *overrides])
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_default_study_runs_on_the_embedded_model(tmp_path):
+    cfg = config("method=fp", "tasks=[mini_math]", "eval.limit=8", fast=False)
+    assert cfg["model"]["zoo"] == "tiny-llada-instruct"
+    record = pipeline.run(cfg, store_root=tmp_path)
+    assert record["status"] == "done", record["error"]
+    assert record["metrics"]["mini_math"]["value"] >= 0.5  # the trained model solves most items
 
 
 def test_sweep_writes_one_record_per_run_and_prints_the_table(tmp_path):
@@ -51,9 +59,13 @@ def test_rerun_skips_finished_runs_unless_forced(tmp_path):
     assert record["metrics"]["mini_qa"]["metric"] == "acc,none"
 
 
-def test_a_failing_run_is_recorded_and_does_not_raise(tmp_path):
-    record = pipeline.run(config("method=rtn", "bits=w4a16g96"), store_root=tmp_path)
-    assert record["status"] == "failed" and "group size 96" in record["error"]
+def test_a_failing_run_is_recorded_and_does_not_raise(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("quantizer exploded")
+
+    monkeypatch.setattr(pipeline.methods, "get", lambda name: broken)
+    record = pipeline.run(config("method=rtn", "bits=w4a16"), store_root=tmp_path)
+    assert record["status"] == "failed" and "RuntimeError: quantizer exploded" in record["error"]
     assert ResultStore(tmp_path).get(record["key"])["status"] == "failed"
 
 

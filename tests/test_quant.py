@@ -94,8 +94,15 @@ def test_dtype_preserved_and_zero_group_no_nan():
     for sym in (False, True):
         q = fake_quant(w, 3, sym, 32)
         assert q.dtype == torch.bfloat16 and torch.isfinite(q).all() and torch.all(q[1, :32] == 0)
-    with pytest.raises(ValueError, match="does not divide"):
-        fake_quant(w, 4, False, 48)
+
+
+def test_a_group_size_that_does_not_divide_leaves_a_shorter_last_group():
+    w = torch.randn(8, 80)
+    for sym in (False, True):
+        q = fake_quant(w, 4, sym, 32)  # groups [0:32], [32:64], [64:80]
+        assert q.shape == w.shape
+        assert torch.equal(q[:, 64:], fake_quant(w[:, 64:], 4, sym))  # quantized on its own
+        assert torch.equal(q[:, :64], fake_quant(w[:, :64], 4, sym, 32))
 
 
 # --- QuantSpec -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from qdlm_bench.zoo.train import main as train_main
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "tasks" / "mini"
 DATA = ROOT.parent / "shared" / "data"
-SIZES = {"mini_qa": 200, "mini_math": 200, "mini_code": 100, "mini_ppl": 50}
+SIZES = {"mini_qa": 200, "mini_math": 100, "mini_code": 100, "mini_ppl": 50}
 FIELDS = {"mini_qa": {"id", "question", "choices", "answerKey"}, "mini_math": {"question", "answer"},
           "mini_code": {"task_id", "prompt", "canonical_solution", "test", "entry_point"},
           "mini_ppl": {"text"}}

@@ -39,6 +39,9 @@ STUDY_DEFAULTS: dict[str, dict] = {
     "winogrande": {"num_fewshot": 5, "mc_num": 128},  # 5-shot as LLaDA's evaluation script
     "mmlu": {"num_fewshot": 5, "mc_num": 1},
     "wikitext": {"mc_num": 32},
+    # our mini tasks (qdlm_bench/zoo), sized so a CPU evaluates all of them in minutes
+    "mini_qa": {"num_fewshot": 0, "mc_num": 8},
+    "mini_ppl": {"mc_num": 8},
 }
 
 

@@ -27,12 +27,23 @@ def qrange(bits: int, sym: bool) -> tuple[int, int]:
 
 
 def group(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """``[..., d] -> [..., d // group_size, group_size]`` in float32 (one group when None)."""
+    """``[..., d] -> [..., ceil(d / group_size), group_size]`` in float32 (one group when None).
+
+    When ``group_size`` does not divide ``d`` the last group is shorter (as in the reference
+    GPTQ): it is zero-padded here, which changes neither range (both include 0); callers cut
+    the padding off with ``ungroup``.
+    """
     d = x.shape[-1]
     gs = d if group_size is None else group_size
+    x = x.float()
     if d % gs:
-        raise ValueError(f"group size {gs} does not divide the last dimension {d}")
-    return x.float().unflatten(-1, (d // gs, gs))
+        x = torch.nn.functional.pad(x, (0, gs - d % gs))
+    return x.unflatten(-1, (x.shape[-1] // gs, gs))
+
+
+def ungroup(g: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of ``group``: ``[..., n_groups, group_size] -> [..., d]``."""
+    return g.flatten(-2)[..., :d]
 
 
 def quant_params(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float = 1.0):
@@ -64,7 +75,7 @@ def fake_quant(x: torch.Tensor, bits: int, sym: bool, group_size: int | None = N
     """Quantize-dequantize ``x`` per row (or per group of the last dim); same shape and dtype."""
     g = group(x, group_size)
     scale, zero = quant_params(g, bits, sym, clip_ratio)
-    return dequantize(quantize(g, scale, zero, bits, sym), scale, zero).flatten(-2).to(x.dtype)
+    return ungroup(dequantize(quantize(g, scale, zero, bits, sym), scale, zero), x.shape[-1]).to(x.dtype)
 
 
 def int_codes(x: torch.Tensor, bits: int, sym: bool, group_size: int | None = None,
@@ -72,5 +83,5 @@ def int_codes(x: torch.Tensor, bits: int, sym: bool, group_size: int | None = No
     """``(codes int32 shaped like x, scale, zero)``; scale/zero are ``[..., n_groups]`` float32."""
     g = group(x, group_size)
     scale, zero = quant_params(g, bits, sym, clip_ratio)
-    codes = quantize(g, scale, zero, bits, sym).flatten(-2).to(torch.int32)
+    codes = ungroup(quantize(g, scale, zero, bits, sym), x.shape[-1]).to(torch.int32)
     return codes, scale.squeeze(-1), zero.squeeze(-1)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HOLDOUT = 5
 SKILLS = ("math", "code", "qa")
-EVAL_SIZES = {"qa": 200, "math": 200, "code": 100}
+EVAL_SIZES = {"qa": 200, "math": 100, "code": 100}
 TASK_SEED = 1234  # seed of the committed mini-task files
 
 
