@@ -75,7 +75,7 @@ def test_per_task_settings_precedence():
     assert plain.for_task("gsm8k_local")["gen_length"] == 256 and plain.fewshot_for("gsm8k_local") == 4
     assert plain.for_task("humaneval_local")["gen_length"] == 512 and plain.fewshot_for("mbpp_local") == 3
     assert plain.for_task("mmlu_local_anatomy")["mc_num"] == 1 and plain.fewshot_for("mmlu_local_anatomy") == 5
-    assert plain.for_task("arc_easy_local")["mc_num"] == 128 and plain.fewshot_for("mini_qa") is None
+    assert plain.for_task("arc_easy_local")["mc_num"] == 128 and plain.fewshot_for("unlisted_task") is None
     assert plain.for_task("mini_math", {"max_gen_toks": 48})["gen_length"] == 48  # YAML hint, no study default
     s = EvalSettings.from_dict({"mc_num": 8, "num_fewshot": {"gsm8k": 2, "gsm8k_local": 0},
                                 "generation": {"gsm8k": {"steps": 64}, "arc": {"mc_num": 3}}},
