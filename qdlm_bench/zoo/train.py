@@ -69,7 +69,7 @@ RECIPES = {
                               seq_len=512, lr=1e-3, warmup=500),
     "tiny-dream-base": Recipe("dream", "pretrain", steps=20_000, minutes=6.5, batch_size=128,
                               seq_len=512, lr=1e-3, warmup=500),
-    "tiny-llada-instruct": Recipe("llada", "sft", steps=4_000, minutes=3, batch_size=128,
+    "tiny-llada-instruct": Recipe("llada", "sft", steps=12_000, minutes=5, batch_size=128,
                                   seq_len=192, lr=3e-4, warmup=100, base="tiny-llada-base"),
 }
 SFT_MIX = {"math": 0.35, "code": 0.30, "qa": 0.20, "text": 0.15}
