@@ -151,9 +151,10 @@ def load_tokenizer(folder: Path):
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         log.info("no tokenizer files in %s; loading the model without a tokenizer", folder)
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    # an empty config: transformers does not know model_type llada/Dream and would warn
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=True, config=PretrainedConfig())
 
 
 def load_model(source: str | Path, family: str | None = None, dtype: torch.dtype = torch.bfloat16,
