@@ -13,14 +13,16 @@ from collections.abc import Callable
 
 Method = Callable[..., dict]
 _REGISTRY: dict[str, Method] = {}
+_NEEDS_CALIBRATION: dict[str, bool] = {}
 
 
-def register(name: str) -> Callable[[Method], Method]:
-    """Decorator registering a method under ``name``."""
+def register(name: str, needs_calibration: bool = False) -> Callable[[Method], Method]:
+    """Decorator registering a method under ``name``; ``needs_calibration``: it reads ``calib``."""
     def deco(fn: Method) -> Method:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
         _REGISTRY[name] = fn
+        _NEEDS_CALIBRATION[name] = needs_calibration
         return fn
     return deco
 
@@ -29,6 +31,12 @@ def get(name: str) -> Method:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name]
+
+
+def needs_calibration(name: str) -> bool:
+    """Whether the method needs a calibration set (the pipeline builds one only then)."""
+    get(name)
+    return _NEEDS_CALIBRATION[name]
 
 
 def available() -> list[str]:

@@ -8,7 +8,7 @@ import traceback
 from contextlib import contextmanager
 
 import methods
-from qdlm_bench import evaluation, runspec, tracking
+from qdlm_bench import calibration, evaluation, runspec, tracking
 from qdlm_bench.models.factory import load_fp_model
 from qdlm_bench.store import ResultStore, new_record, spec_key
 
@@ -28,9 +28,14 @@ def execute(spec: runspec.RunSpec, timings: dict) -> dict:
     """Load, quantize and evaluate; returns the per-task metrics."""
     with timed(timings, "load_s"):
         model, tokenizer = load_fp_model(spec.model, spec.dtype, spec.device, spec.seed)
+    calib = None
+    if spec.calib:
+        with timed(timings, "calibrate_s"):
+            calib = calibration.build(spec.calib, tokenizer, model.config.mask_token_id,
+                                      data_dir=spec.settings.data_dir)
     log.info("quantizing with %s at %s", spec.method["name"], spec.quant.name)
     with timed(timings, "quantize_s"):
-        methods.get(spec.method["name"])(model, spec.quant, None, {**spec.method, "exclude": spec.exclude})
+        methods.get(spec.method["name"])(model, spec.quant, calib, {**spec.method, "exclude": spec.exclude})
     log.info("evaluating %s", ", ".join(spec.tasks))
     with timed(timings, "evaluate_s"):
         return evaluation.run(model, tokenizer, spec.tasks, spec.settings)

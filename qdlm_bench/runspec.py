@@ -6,6 +6,7 @@ absent offline) fails here with a message naming the fix, before any weights loa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 import methods
 from qdlm_bench import evaluation
+from qdlm_bench.calibration import CalibConfig
 from qdlm_bench.quant import QuantSpec
 
 MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer", "mask_token_id",
@@ -34,6 +36,7 @@ class RunSpec:
     tasks: list[str]
     eval: dict
     settings: evaluation.EvalSettings
+    calib: CalibConfig | None  # None for methods that need no calibration
     dtype: str
     device: str
     seed: int
@@ -44,7 +47,12 @@ class RunSpec:
         model["source"] = (checkpoint_fingerprint(self.model["path"]) if self.model.get("path")
                            else self.model.get("hub_id") or self.model.get("shape"))
         evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "batch_size")}
-        return {"model": model, "method": self.method,
+        calib = {}
+        if self.calib:
+            calib = {"calib": dataclasses.asdict(self.calib)}
+            if self.calib.masking == "none":  # the ratio distribution has no effect then
+                del calib["calib"]["mask_ratio"]
+        return {"model": model, "method": self.method, **calib,
                 "quant": {"bits": self.quant.name, "exclude": list(self.exclude)},
                 "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed}
 
@@ -125,7 +133,11 @@ def build(cfg: dict) -> RunSpec:
         evaluation.validate_tasks(tasks, settings.data_dir)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    try:
+        calib = CalibConfig.from_dict(cfg["calib"]) if methods.needs_calibration(name) else None
+    except ValueError as err:
+        raise ConfigError(f"calib: {err}") from None
     device = resolve_device(str(cfg["device"]))
-    return RunSpec(model=model, method=method, quant=quant, exclude=tuple(cfg["quant"].get("exclude") or ()),
+    return RunSpec(calib=calib, model=model, method=method, quant=quant, exclude=tuple(cfg["quant"].get("exclude") or ()),
                    tasks=tasks, eval=eval_cfg, settings=settings,
                    dtype=resolve_dtype(str(cfg["dtype"]), device), device=device, seed=int(cfg["seed"]))

@@ -93,3 +93,14 @@ def test_checkpoint_identity_is_its_content_not_its_folder(tmp_path):
         save_model(random_model("tiny-llada", seed=seed, std=0.1 + seed), tmp_path / name)
     keys = {n: runspec.build(config(f"model.path={tmp_path / n}")).semantic()["model"]["source"] for n in "abc"}
     assert keys["a"] == keys["b"] != keys["c"]
+
+
+def test_calibration_is_part_of_a_run_only_for_calibrated_methods(tmp_path):
+    rtn = [runspec.build(config("method=rtn", f"calib.n_samples={n}")).semantic() for n in (4, 8)]
+    assert rtn[0] == rtn[1] and "calib" not in rtn[0]
+    cfg = config("method=gptq", "bits=w4a16", "calib.n_samples=4", "calib.seqlen=64")
+    record = pipeline.run(cfg, store_root=tmp_path)
+    assert record["status"] == "done", record["error"]
+    assert record["spec"]["calib"]["n_samples"] == 4 and record["timings"]["calibrate_s"] >= 0
+    other = runspec.build(config("method=gptq", "bits=w4a16", "calib.n_samples=8", "calib.seqlen=64"))
+    assert other.semantic() != runspec.build(cfg).semantic()

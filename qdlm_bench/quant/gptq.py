@@ -1,0 +1,110 @@
+"""GPTQ (Frantar et al., 2023) as a reusable primitive: a Hessian accumulator and the solver.
+
+Follows the reference implementation (IST-DASLab ``gptq.py``, ``fasterquant``): dead columns,
+dampening ``damp * mean(diag H)``, Cholesky of ``H^-1``, lazy batch updates over blocks of
+columns, group parameters computed when a group starts from the current (error-updated)
+weights, act-order with optional static groups. The quantization grid is ``quantizer.py``'s.
+Token weights in ``Hessian.add`` let weighted variants (DLLMQuant's CGQ) reuse both parts.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .quantizer import dequantize, quant_params, quantize
+
+
+class Hessian:
+    """Running ``H = 2/n * sum_t w_t x_t x_t^T`` over the ``n`` tokens seen so far, float32."""
+
+    def __init__(self, dim: int, device=None):
+        self.H = torch.zeros(dim, dim, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """``x`` ``[*, dim]``; ``weights`` ``[*]`` (optional, per token)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        xw = x if weights is None else x * weights.reshape(-1, 1).float()
+        self.H.addmm_(xw.t(), x, alpha=2 / self.n)
+
+
+def _hinv_cholesky(H: torch.Tensor, damp: float, max_damp: float, name: str):
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, raising ``damp`` x10 until it works."""
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], device=H.device)
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, damp
+        if damp >= max_damp:
+            raise RuntimeError(f"GPTQ {name}: Hessian not positive definite even with damp={damp}")
+        new = damp * 10 if damp > 0 else 1e-6
+        warnings.warn(f"GPTQ {name}: Cholesky failed with damp={damp:g}; retrying with damp={new:g}")
+        damp = new
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool, group_size: int | None = None,
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                  static_groups: bool = False, max_damp: float = 1.0, name: str = "layer"):
+    """Quantize ``W`` ``[out, in]`` against the input Hessian ``H`` ``[in, in]`` (neither is modified).
+
+    Returns ``(Q, info)``: the dequantized weights (``W``'s shape, dtype and column order) and
+    ``{"damp": damp used, "loss": the reference's summed error, "dead": dead columns}``.
+    ``group_size`` None means one (scale, zero) per output row. With ``act_order`` columns are
+    processed by decreasing ``diag H``; ``static_groups`` then fixes every group's parameters
+    up front on the original column grouping (so groups stay contiguous in the stored layout).
+    """
+    dtype, cols = W.dtype, W.shape[1]
+    W, H = W.float().clone(), H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    def params(w):
+        return quant_params(w, bits, sym)
+
+    gs = group_size
+    if gs is None:
+        scale, zero = params(W)
+    elif static_groups:
+        groups = [params(W[:, i:i + gs]) for i in range(0, cols, gs)]
+
+    perm = torch.arange(cols, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp = _hinv_cholesky(H, damp, max_damp, name)
+
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs is not None:
+                if static_groups:
+                    scale, zero = groups[int(perm[col]) // gs]
+                elif col % gs == 0:  # current weights: the rest of this block, then later columns
+                    scale, zero = params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs])
+            w, d = W1[:, i], Hinv1[i, i]
+            q = dequantize(quantize(w[:, None], scale, zero, bits, sym), scale, zero)[:, 0]
+            Q[:, col] = q
+            loss += ((w - q) ** 2).sum() / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(dtype), {"damp": damp, "loss": float(loss), "dead": int(dead.sum())}
