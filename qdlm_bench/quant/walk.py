@@ -32,7 +32,7 @@ def block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8)
     return torch.cat([model.embed(input_ids[i:i + batch_size].to(dev)) for i in range(0, len(input_ids), batch_size)])
 
 
-class _Batches:
+class Batches:
     """Batch slices of the calibration set with their block context and per-token weights."""
 
     def __init__(self, model, calib, batch_size: int, token_weights: torch.Tensor | None):
@@ -54,7 +54,7 @@ class _Batches:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, xs: torch.Tensor, batches: _Batches) -> torch.Tensor:
+def run_block(block: nn.Module, xs: torch.Tensor, batches: Batches) -> torch.Tensor:
     """The block's outputs over all cached inputs."""
     out = torch.empty_like(xs)
     for s, ctx, _ in batches:
@@ -63,7 +63,7 @@ def run_block(block: nn.Module, xs: torch.Tensor, batches: _Batches) -> torch.Te
 
 
 @torch.no_grad()
-def collect(block: nn.Module, xs: torch.Tensor, batches: _Batches, subsets: list[list[str]],
+def collect(block: nn.Module, xs: torch.Tensor, batches: Batches, subsets: list[list[str]],
             make_stat: Callable[[nn.Module], object]) -> dict[str, object]:
     """Run the block over all inputs; for each subset, one statistic (``make_stat(first linear)``,
     fed ``stat.add(x, weights)`` with the subset's input) shared by every linear of the subset.
@@ -94,7 +94,7 @@ def walk_blocks(model: nn.Module, calib, fn: Callable[[int, nn.Module, dict[str,
     one subset at a time when ``true_sequential``, else all seven at once) in place.
     ``token_weights`` ``[N, L]`` (optional) weight each token's contribution to the statistics.
     """
-    batches = _Batches(model, calib, batch_size, token_weights)
+    batches = Batches(model, calib, batch_size, token_weights)
     xs = block_inputs(model, calib.input_ids, batch_size)
     groups = [[s] for s in SUBSETS] if true_sequential else [SUBSETS]
     for i, block in enumerate(tqdm(model.blocks, desc="blocks", disable=not progress)):
