@@ -2,11 +2,13 @@
 
 from qdlm_bench.quant import QuantSpec
 
-from . import register
+from . import _add
 
 
-@register("fp")
 def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
     if not spec.is_fp:
         raise ValueError(f"method 'fp' takes bits=fp, got {spec.name!r}")
     return {"layers": 0}
+
+
+_add("fp", quantize, needs_calibration=False)

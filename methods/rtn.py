@@ -10,8 +10,6 @@ from . import register
 
 @register("rtn")
 def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
-    if spec.is_fp:
-        raise ValueError("method 'rtn' needs a quantized spec (e.g. w4a16g128); use method=fp for FP")
     select = dict(exclude=cfg.get("exclude", ()), include_lm_head=cfg.get("include_lm_head", False))
     n = quantize_weights_rtn(model, spec, **select)
     wrap_activations(model, spec, **select)
