@@ -92,7 +92,7 @@ def new_record(spec: dict, **fields: Any) -> dict:
         **RECORD_DEFAULTS,
         "dtype": spec.get("dtype"), "seed": spec.get("seed"),
         "versions": collect_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
     }
     record.update(fields)
     if record["status"] not in ("done", "failed"):

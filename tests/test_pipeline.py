@@ -46,14 +46,18 @@ def test_sweep_writes_one_record_per_run_and_prints_the_table(tmp_path):
     assert "| w8a8" in out.stdout and "drop %" in out.stdout
 
 
-def test_rerun_skips_finished_runs_unless_forced(tmp_path):
+def test_rerun_skips_finished_runs_unless_forced(tmp_path, monkeypatch):
+    executed = []
+    real_execute = pipeline.execute
+    monkeypatch.setattr(pipeline, "execute", lambda *a: executed.append(1) or real_execute(*a))
     cfg = config("method=rtn", "bits=w8a8")
     first = pipeline.run(cfg, store_root=tmp_path)
     path = ResultStore(tmp_path).path_for(first["key"])
     stamp = path.stat().st_mtime_ns
     assert pipeline.run(cfg, store_root=tmp_path) == first and path.stat().st_mtime_ns == stamp
+    assert len(executed) == 1
     forced = pipeline.run(cfg, store_root=tmp_path, force=True)
-    assert forced["created"] != first["created"] and forced["metrics"] == first["metrics"]
+    assert len(executed) == 2 and forced["metrics"] == first["metrics"]
     record = json.loads(path.read_text())
     assert set(record["timings"]) >= {"load_s", "quantize_s", "evaluate_s", "total_s"}
     assert record["metrics"]["mini_qa"]["metric"] == "acc,none"
