@@ -1,4 +1,4 @@
-"""Speed and memory benchmarks, each against a baseline measured in the same run.
+"""The sampler benchmark:
 
     python -m qdlm_bench.bench sampler [shape=llada-8b] [batch=16] [prompt_len=500]
         [gen_length=256] [steps=256] [block_length=32] [baseline_prompts=2] [compile=0] [out=bench.json]
@@ -12,8 +12,6 @@ achieved TFLOP/s against the GPU's bf16 dense peak. ``compile=1`` compiles the b
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import torch
@@ -22,34 +20,7 @@ from qdlm_bench.diffusion import GenerationConfig, generate
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.transformer import compile_blocks
 
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM spec sheets
-
-
-def parse_args(argv: list[str], defaults: dict) -> dict:
-    args = dict(defaults)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in defaults:
-            raise SystemExit(f"bad argument {item!r}; expected key=value with key in {sorted(defaults)}")
-        args[key] = type(defaults[key])(value) if defaults[key] is not None else value
-    return args
-
-
-def forward_flops(cfg, seq_len: int, logit_positions: int | None = None) -> float:
-    """Matmul FLOPs of one forward over one sequence: linears, attention, and the LM head on
-    ``logit_positions`` columns (all by default)."""
-    kv = cfg.n_kv_heads * cfg.head_dim
-    per_token = 2 * (cfg.d_model * (2 * cfg.d_model + 2 * kv) + 3 * cfg.d_model * cfg.d_ff) * cfg.n_layers
-    head = 2 * cfg.d_model * cfg.vocab_size * (seq_len if logit_positions is None else logit_positions)
-    return per_token * seq_len + head + 4 * seq_len * seq_len * cfg.d_model * cfg.n_layers
-
-
-def device_peak() -> tuple[str, float | None]:
-    if not torch.cuda.is_available():
-        return "cpu", None
-    name = torch.cuda.get_device_name()
-    return name, next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-
+from .common import device_peak, forward_flops, parse_args
 
 def timed_generate(model, prompts, gen: GenerationConfig, batch_size: int) -> float:
     if torch.cuda.is_available():
@@ -61,7 +32,7 @@ def timed_generate(model, prompts, gen: GenerationConfig, batch_size: int) -> fl
     return time.perf_counter() - start
 
 
-def bench_sampler(argv: list[str]) -> dict:
+def run(argv: list[str]) -> dict:
     a = parse_args(argv, dict(shape="llada-8b", batch=16, prompt_len=500, gen_length=256, steps=256,
                               block_length=32, baseline_prompts=2, compile=0, seed=0, out=""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,22 +72,3 @@ def bench_sampler(argv: list[str]) -> dict:
         "peak_tflops_bf16": peak, "fraction_of_peak": peak and round(achieved / peak, 3),
     }
     return result
-
-
-BENCHES = {"sampler": bench_sampler}
-
-
-def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in BENCHES:
-        raise SystemExit(f"usage: python -m qdlm_bench.bench {{{'|'.join(BENCHES)}}} [key=value ...]")
-    out = next((x.split("=", 1)[1] for x in argv if x.startswith("out=")), "")
-    result = BENCHES[argv[0]](argv[1:])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
