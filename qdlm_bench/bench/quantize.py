@@ -71,8 +71,8 @@ def run(argv: list[str]) -> dict:
     return {
         "bench": "quantize", "args": a, "device": gpu, "dtype": str(dtype), "method_info": info,
         "model_gib": round(model_gib, 2),
-        "quantize": {"seconds": round(seconds, 2), "minutes": round(seconds / 60, 2),
+        "quantize": {"seconds": round(seconds, 4), "minutes": round(seconds / 60, 2),
                      "peak_mem_gib": peak and round(peak, 2)},
-        "baseline_forward_pass": {"seconds": round(forward_s, 2)},
+        "baseline_forward_pass": {"seconds": round(forward_s, 4)},
         "quantize_over_forward_pass": round(seconds / forward_s, 1),
     }
