@@ -63,6 +63,7 @@ def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
 
     walk_blocks(model, calib, fn,
                 lambda layer: TokenStats(layer.in_features, total, cfg.get("max_tokens", 4096), layer.weight.device),
-                batch_size=cfg.get("batch_size", 8), true_sequential=False)
+                batch_size=cfg.get("batch_size", 8), true_sequential=False,
+                token_weights=getattr(calib, "token_weights", None))
     wrap_activations(model, spec, exclude=exclude)
     return {"layers": len(done), "mean_alpha": sum(alphas) / len(alphas) if alphas else None}

@@ -15,10 +15,20 @@ from qdlm_bench.quant.walk import walk_blocks
 from . import register
 
 
-@register("gptq", needs_calibration=True)
-def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
-    exclude = cfg.get("exclude") or ()
-    selected = set(linear_layers(model, exclude))
+class InputHessian(Hessian):
+    """The Hessian of the input a layer's weight sees: after its ``input_transform`` (if any)."""
+
+    def __init__(self, layer):
+        super().__init__(layer.in_features, layer.weight.device)
+        self.transform = getattr(layer, "input_transform", None)
+
+    def add(self, x, weights=None):
+        super().add(x if self.transform is None else self.transform(x), weights)
+
+
+def gptq_weights(model, spec: QuantSpec, calib, cfg: dict, selected: set[str]) -> dict:
+    """GPTQ the weights of the ``selected`` linears (full names such as ``blocks.0.q_proj``) in
+    place, block by block; returns ``{"layers": count, "max_damp": largest damp used}``."""
     opts = {k: cfg.get(k, v) for k, v in
             dict(block_size=128, damp=0.01, act_order=False, static_groups=False).items()}
     done, damps = [], []
@@ -35,7 +45,14 @@ def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
             done.append(full)
             damps.append(info["damp"])
 
-    walk_blocks(model, calib, fn, lambda layer: Hessian(layer.in_features, layer.weight.device),
-                batch_size=cfg.get("batch_size", 8), true_sequential=cfg.get("true_sequential", True))
-    wrap_activations(model, spec, exclude=exclude)
+    walk_blocks(model, calib, fn, InputHessian, batch_size=cfg.get("batch_size", 8),
+                true_sequential=cfg.get("true_sequential", True), token_weights=getattr(calib, "token_weights", None))
     return {"layers": len(done), "max_damp": max(damps, default=None)}
+
+
+@register("gptq", needs_calibration=True)
+def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
+    exclude = cfg.get("exclude") or ()
+    info = gptq_weights(model, spec, calib, cfg, set(linear_layers(model, exclude)))
+    wrap_activations(model, spec, exclude=exclude)
+    return info

@@ -6,7 +6,7 @@ import importlib
 import json
 import sys
 
-BENCHES = ("sampler",)
+BENCHES = ("sampler", "forward", "quantize")
 
 
 def main(argv: list[str]) -> None:

@@ -3,7 +3,7 @@
 Every block uses the canonical names ``attn_norm q_proj k_proj v_proj o_proj mlp_norm
 gate_proj up_proj down_proj`` whatever the checkpoint family, so quantization methods address
 layers one way. ``k_quant`` / ``v_quant`` are identity hooks on K (after RoPE) and V that
-activation-quantization methods may replace.
+activation-quantization methods may replace; ``qk_rotate`` (identity) acts on Q and K after RoPE.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Block(nn.Module):
         self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.qk_rotate = nn.Identity()
         self.k_quant = nn.Identity()
         self.v_quant = nn.Identity()
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
@@ -65,7 +66,7 @@ class Block(nn.Module):
         q = self.q_proj(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), self.k_quant(apply_rope(k, cos, sin))
+        q, k = self.qk_rotate(apply_rope(q, cos, sin)), self.k_quant(self.qk_rotate(apply_rope(k, cos, sin)))
         v = self.v_quant(v)
         gqa = self.n_heads != self.n_kv_heads
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)

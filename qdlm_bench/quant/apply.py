@@ -48,12 +48,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def wrap_activations(model: nn.Module, spec: QuantSpec, exclude: Iterable[str] = (),
                      include_lm_head: bool = False) -> int:
     """Replace each selected linear by a ``QuantLinear`` for ``spec`` (re-wrapping keeps the
-    existing weights and input transform) and, when ``spec.kv_bits < 16``, install per-token
-    per-head asymmetric K/V quantizers in every block. Returns the number of layers wrapped."""
+    existing weights and input transform) whose input is quantized per token when
+    ``spec.quantizes_input(name)`` (``a_bits < 16`` and named in ``spec.act_layers``) and, when
+    ``spec.kv_bits < 16``, install per-token per-head asymmetric quantizers on K (after RoPE)
+    and V in every block. Returns the number of layers wrapped."""
     layers = linear_layers(model, exclude, include_lm_head)
     for name, layer in layers.items():
         transform = layer.input_transform if isinstance(layer, QuantLinear) else None
-        _set_module(model, name, QuantLinear(layer, spec, transform))
+        _set_module(model, name, QuantLinear(layer, spec, transform, spec.quantizes_input(name)))
     if spec.kv_bits < 16:
         for block in model.blocks:
             block.k_quant = ActQuantizer(spec.kv_bits)

@@ -29,15 +29,17 @@ class QuantLinear(nn.Module):
 
     Shares the wrapped ``nn.Linear``'s weight and bias parameters (no copy), so state-dict keys
     stay ``<name>.weight`` / ``<name>.bias``. ``spec`` records how the layer was quantized;
-    ``input_transform`` is a slot for an online transform (e.g. a Hadamard rotation).
+    ``input_transform`` is a slot for an online transform (e.g. a Hadamard rotation);
+    ``quantize_input=False`` keeps the input in full precision whatever ``spec.a_bits``.
     """
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec, input_transform: nn.Module | None = None):
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, input_transform: nn.Module | None = None,
+                 quantize_input: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.spec = spec
-        self.act_quant = ActQuantizer(spec.a_bits, spec.a_sym, spec.a_clip_ratio)
+        self.act_quant = ActQuantizer(spec.a_bits if quantize_input else 16, spec.a_sym, spec.a_clip_ratio)
         self.input_transform = input_transform
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,18 +5,23 @@ The ``_sym`` / ``_asym`` suffix is about weights. Defaults, following common pra
 
 * weights: asymmetric for weight-only specs (GPTQ/AWQ), symmetric when activations are
   quantized too (SmoothQuant/QuaRot); ``group_size=None`` means one scale per output channel;
-* activations: per-token dynamic, asymmetric (``a_sym=False``), no clipping (``a_clip_ratio=1``);
-* KV cache: 16 bits unless ``kv{bits}`` is given (per-token per-head, asymmetric).
+* activations: per-token dynamic, asymmetric (``a_sym=False``), no clipping (``a_clip_ratio=1``),
+  on the inputs of the linears named in ``act_layers`` (default: all seven of every block);
+* KV cache: 16 bits unless ``kv{bits}`` is given (per-token per-head, asymmetric, K after RoPE);
+  attention probabilities always stay in the model's dtype.
 
 ``name`` is the canonical bit string; it encodes every grammar field (the sym suffix only when
-it differs from the default) and re-parses to the same spec. ``a_sym`` and ``a_clip_ratio`` are
-keyword options only: they are recorded with the run's quant config, not in the name.
+it differs from the default) and re-parses to the same spec. ``a_sym``, ``a_clip_ratio`` and
+``act_layers`` are keyword options only: they are recorded with the run's quant config, not in
+the name; bad values raise a plain ``ValueError`` naming the option.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+
+from qdlm_bench.models.transformer import LINEAR_NAMES
 
 VALID_FORMS = (
     "fp16 | bf16 | fp (no quantization), or w{2-8}a{4,8,16}[g{group}][_sym|_asym][kv{2-8}], "
@@ -26,6 +31,7 @@ FP_NAMES = ("fp", "fp16", "bf16")
 _PATTERN = re.compile(r"w(\d+)a(\d+)(?:g(\d+))?(?:_(sym|asym))?(?:kv(\d+))?")
 _LOW_BITS = range(2, 9)
 _A_BITS = (4, 8, 16)
+ACT_LAYER_NAMES = (*LINEAR_NAMES, "lm_head")  # lm_head counts only where a method quantizes it
 
 
 class QuantSpecError(ValueError):
@@ -47,6 +53,7 @@ class QuantSpec:
     a_sym: bool = False
     a_clip_ratio: float = 1.0
     kv_bits: int = 16
+    act_layers: tuple[str, ...] = LINEAR_NAMES  # linears (short names) whose inputs are quantized
 
     def __post_init__(self):
         if self.group_size == -1:
@@ -56,6 +63,21 @@ class QuantSpec:
         why = self._problem()
         if why:
             raise QuantSpecError(repr(self), why)
+        self._check_options()
+
+    def _check_options(self) -> None:
+        if not isinstance(self.a_sym, bool):
+            raise ValueError(f"a_sym must be true or false, got {self.a_sym!r}")
+        ratio, layers = self.a_clip_ratio, self.act_layers
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"a_clip_ratio must be a number in (0, 1], got {ratio!r}")
+        if isinstance(layers, str) or not all(isinstance(n, str) for n in layers) or not layers:
+            raise ValueError(f"act_layers must be a non-empty list of linear names, got {layers!r}")
+        unknown = sorted(set(layers) - set(ACT_LAYER_NAMES))
+        if unknown:
+            raise ValueError(f"act_layers has unknown name(s) {unknown}; valid: {', '.join(ACT_LAYER_NAMES)}")
+        object.__setattr__(self, "act_layers", tuple(n for n in ACT_LAYER_NAMES if n in layers))
+        object.__setattr__(self, "a_clip_ratio", float(ratio))
 
     def _problem(self) -> str | None:
         if self.w_bits == 16:
@@ -69,8 +91,6 @@ class QuantSpec:
             return f"kv_bits must be 2..8 (or 16 = none), got {self.kv_bits}"
         if self.group_size is not None and self.group_size <= 0:
             return f"group size must be positive (or -1 = per channel), got {self.group_size}"
-        if not 0 < self.a_clip_ratio <= 1:
-            return f"a_clip_ratio must be in (0, 1], got {self.a_clip_ratio}"
         return None
 
     @classmethod
@@ -103,6 +123,10 @@ class QuantSpec:
     @property
     def weight_only(self) -> bool:
         return not self.is_fp and self.a_bits == 16 and self.kv_bits == 16
+
+    def quantizes_input(self, linear: str) -> bool:
+        """Whether the input of ``linear`` (``"q_proj"`` or a full name ``"blocks.3.q_proj"``) is quantized."""
+        return self.a_bits < 16 and linear.rsplit(".", 1)[-1] in self.act_layers
 
     @property
     def name(self) -> str:
