@@ -11,6 +11,7 @@ only read logits where a decision is made (LLaDA: the current block; Dream: mask
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,10 @@ def _forbid_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     return logits
 
 
+def _no_step(step: int, x: torch.Tensor) -> None:
+    """The default ``on_step`` of ``generate``."""
+
+
 def _chunks(seq: list, size: int):
     return (seq[i : i + size] for i in range(0, len(seq), size))
 
@@ -113,7 +118,7 @@ def _llada_logits(model, x, attn, prompt_cols, cfg_scale, cols: slice) -> torch.
     return un + (cfg_scale + 1) * (cond - un)
 
 
-def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar):
+def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar, on_step):
     """LLaDA semi-autoregressive sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:]."""
     mask_id, n_blocks = model.config.mask_token_id, cfg.gen_length // cfg.block_length
     steps = cfg.steps // n_blocks
@@ -140,6 +145,7 @@ def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
             conf = conf.masked_fill(block != mask_id, -torch.inf)
             transfer = _top_k_mask(conf, schedule[:, i])
             x[:, cols] = torch.where(transfer, x0, block)
+            on_step(b * steps + i, x)
 
 
 # ------------------------------------------------------------------------------------ Dream
@@ -181,7 +187,7 @@ def _sample_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator):
     return conf, x0
 
 
-def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar):
+def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar, on_step):
     """Dream's timestep sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:]."""
     mask_id = model.config.mask_token_id
     timesteps = torch.linspace(1, cfg.eps, cfg.steps + 1, device=x.device)
@@ -199,6 +205,7 @@ def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
             transfer = masked & (u < (1.0 if last else ratio))
             if transfer.any():
                 gen[transfer] = _sample_tokens(logits[transfer], cfg, generator)[1]
+            on_step(i, x)
             continue
         conf, x0 = _sample_tokens(logits[masked], cfg, generator)
         full_conf = torch.full(masked.shape, -torch.inf, device=x.device, dtype=torch.float64)
@@ -211,6 +218,7 @@ def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
         candidates = torch.full_like(gen, mask_id)
         candidates[masked] = x0
         gen[transfer] = candidates[transfer]
+        on_step(i, x)
 
 
 # ------------------------------------------------------------------------------- generation
@@ -246,12 +254,16 @@ def generate(
     batch_size: int = 16,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Generate ``cfg.gen_length`` tokens after each prompt; returns only those, in prompt order.
 
     Prompts are sorted by length, batched ``batch_size`` at a time with left padding, and
     sampled with LLaDA's or Dream's algorithm. ``generator`` (on ``model.device``) drives all
-    randomness; None uses torch's global RNG.
+    randomness; None uses torch's global RNG. ``on_step(step, x)``, if given, is called after
+    each step that ran the model, with the step's index (0 .. cfg.steps - 1) and the batch
+    being sampled, ``x`` [B, L] (prompts in batch order, left-padded; the generated tokens are
+    ``x[:, -cfg.gen_length:]``, masks where still undecided).
     """
     sampler = cfg.sampler or model.config.family
     _check_generation(cfg, sampler, prompts)
@@ -265,7 +277,7 @@ def generate(
             x, attn = _pad(rows, pad_id, left=True)
             x, attn = x.to(device), None if attn is None else attn.to(device)
             gen_start = x.shape[1] - cfg.gen_length
-            _SAMPLERS[sampler](model, x, attn, gen_start, cfg, generator, bar)
+            _SAMPLERS[sampler](model, x, attn, gen_start, cfg, generator, bar, on_step or _no_step)
             for i, row in zip(idx, x[:, gen_start:].tolist()):
                 out[i] = row
     return out

@@ -1,41 +1,93 @@
-"""Result records → pandas → study tables in markdown, LaTeX (booktabs) and CSV.
+"""Result records → pandas → study tables (markdown, LaTeX booktabs, CSV), findings and figures.
 
     python -m qdlm_bench.report [--store results] [--model X] [--method fp,rtn] [--bits w4a16g128]
-                                [--sweep NAME] [--format md|latex|csv] [--out reports/]
+                                [--sweep NAME] [--format md latex csv] [--out reports] [--wandb offline]
 
-Sign convention: "drop %" is the relative degradation of a row's avg against the FP record
-(method "fp") with the same baseline_key, so positive = worse. For accuracy-like metrics (higher
-is better) drop = (fp - q) / fp; for perplexity-like metrics (lower is better) it is the relative
-increase, (q - fp) / fp. Fractions are shown as percentages; perplexities raw.
+One table per model and baseline (the model, tasks, eval settings, dtype and seed an FP record
+shares with its quantized runs; ``store.baseline_key``). Rows (bits, method): FP first, then
+weight bits and activation bits descending. Columns: each task (% for fraction metrics, raw for
+perplexity), the category averages QA / Math / Code (means of their task columns, see
+CATEGORIES; lower-is-better tasks such as perplexity belong to none), avg (mean of the
+higher-is-better tasks; of the perplexities when there is no other) and drop %.
+
+Sign convention: drop % is the relative degradation of avg against the FP record of the same
+baseline, so positive = worse: (fp - q) / fp for accuracy-like metrics, the relative increase
+(q - fp) / fp for perplexity-like ones. An average is missing (—) when one of its tasks is.
+
+The best value of each column among the finished quantized runs of one bit setting is bold.
+Failed runs keep their row and error. A (method, bits) that another table of the same tasks and
+eval settings holds but this one lacks is a "missing" row, and so is an absent FP record. The
+base and instruct variants of one model (names ending -base / -instruct) evaluated alike also
+get a side-by-side table. The study's findings (qdlm_bench.findings) close the report.
+
+Written to --out ("-<sweep>" appended to names when --sweep is given): report.md (what is
+printed), <table>.{md,tex,csv} for each table, <table>-drop.{png,pdf} (drop % per bits and
+method). --wandb offline|online also logs them to a wandb run (job type "report").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
+from collections import Counter
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pandas as pd
 
-from qdlm_bench.store import ResultStore
+from qdlm_bench.store import ResultStore, spec_key
+from qdlm_bench.tracking import MODES, WandbLogger
 
-META = ("key", "baseline_key", "model", "method", "bits", "sweep", "status", "error", "created")
+META = ("key", "baseline_key", "setting", "setting_text", "spec_tasks", "model", "method", "bits",
+        "sweep", "status", "error", "created")
 STDERR, METRIC = ":stderr", ":metric"  # suffixes of a task's stderr / metric-name columns
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
+CATEGORIES = {
+    "QA": ("arc*", "hellaswag*", "piqa*", "winogrande*", "mmlu*", "mini_qa*"),
+    "Math": ("gsm8k*", "math*", "minerva*", "mini_math*"),
+    "Code": ("humaneval*", "mbpp*", "mini_code*"),
+}
 LABELS = ("bits", "method", "status")
 AVG, DROP = "avg", "drop %"
+FP_LABEL = ("fp", "fp")  # (method, bits) of the baseline; "fp" ignores bits
+MISSING_RUN = "missing"
 NO_FP = "n/a (no FP record)"
 MISSING = "—"
-LEGEND = ("values: % for fraction metrics, raw for perplexity; drop % = relative degradation of "
-          "avg vs the FP record of the same baseline (positive = worse; perplexity: relative increase)")
+LEGEND = ("values: % for fraction metrics, raw for perplexity; QA/Math/Code: means of their tasks; "
+          "drop % = relative degradation of avg vs the FP record of the same baseline (positive = worse; "
+          "perplexity: relative increase)")
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}
 
 
 def lower_is_better(metric: str | None) -> bool:
     return any(word in str(metric) for word in LOWER_IS_BETTER)
+
+
+def category(task: str) -> str | None:
+    """The category (QA, Math, Code) of a task name, None for any other task."""
+    return next((cat for cat, patterns in CATEGORIES.items() if any(fnmatch(task, p) for p in patterns)), None)
+
+
+def bits_fields(bits: str | None) -> dict[str, int]:
+    """{"w": 4, "a": 16, "g": 128, ...} of a bit string (empty for fp)."""
+    return {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", str(bits).lower())}
+
+
+def relative_drop(value: float, fp: float, lower: bool = False) -> float:
+    """100 * relative degradation of ``value`` against ``fp`` (positive = worse); NaN if undefined."""
+    if pd.isna(value) or pd.isna(fp) or fp == 0:
+        return math.nan
+    return 100 * ((value - fp) if lower else (fp - value)) / fp
+
+
+def model_variant(model: str) -> tuple[str, str | None]:
+    """(stem, "base" | "instruct") of a model name ending -base / -instruct, else (name, None)."""
+    m = re.fullmatch(r"(.+?)[-_](base|instruct)", str(model), re.IGNORECASE)
+    return (m.group(1), m.group(2).lower()) if m else (str(model), None)
 
 
 def error_summary(error: str | None) -> str | None:
@@ -46,13 +98,30 @@ def error_summary(error: str | None) -> str | None:
     return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
+def _setting(spec: dict) -> dict:
+    """What runs of different models must share to be compared: tasks and eval settings
+    (whether the chat template applies follows the model), dtype and seed."""
+    evals = {k: v for k, v in (spec.get("eval") or {}).items() if k != "apply_chat_template"}
+    return {"tasks": spec.get("tasks"), "eval": evals, "dtype": spec.get("dtype"), "seed": spec.get("seed")}
+
+
+def _setting_text(setting: dict) -> str:
+    evals = {k: v for k, v in setting["eval"].items() if v not in (None, {}, [])}
+    return (f"tasks {', '.join(setting['tasks'] or [])}; eval {json.dumps(evals, sort_keys=True)}; "
+            f"dtype {setting['dtype']}; seed {setting['seed']}")
+
+
 def records_frame(records: Iterable[dict]) -> pd.DataFrame:
     """One row per record: META columns, then per task `<task>` (primary metric value),
-    `<task>:stderr` and `<task>:metric` (the metric's name)."""
+    `<task>:stderr` and `<task>:metric` (the metric's name). FP records get bits "fp"."""
     rows = []
     for record in records:
         row = {field: record.get(field) for field in META}
-        row["error"] = error_summary(record.get("error"))
+        setting = _setting(record.get("spec") or {})
+        row.update(setting=spec_key(setting), setting_text=_setting_text(setting),
+                   spec_tasks=tuple(setting["tasks"] or ()), error=error_summary(record.get("error")))
+        if row["method"] == "fp":
+            row["bits"] = "fp"
         for task, result in (record.get("metrics") or {}).items():
             row[task], row[task + STDERR] = result.get("value"), result.get("stderr")
             row[task + METRIC] = result.get("metric")
@@ -71,61 +140,166 @@ def task_columns(frame: pd.DataFrame) -> list[str]:
 
 def _bits_order(method: str, bits: str | None) -> tuple:
     """FP first, then weight bits descending, then activation bits descending."""
-    fields = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", str(bits).lower())}
+    fields = bits_fields(bits)
     return (method != "fp", -fields.get("w", -math.inf), -fields.get("a", math.inf), str(bits), method)
 
 
-def _relative_drop(value: float, fp: float, lower: bool) -> float:
-    if pd.isna(value) or pd.isna(fp) or fp == 0:
-        return math.nan
-    return 100 * ((value - fp) if lower else (fp - value)) / fp
+def _tasks(rows: pd.DataFrame) -> dict[str, str | None]:
+    """{task: its metric name} of a table's tasks (its specs' and any reported), ordered QA, Math,
+    Code, others, then lower-is-better tasks."""
+    spec_tasks = [t for ts in rows["spec_tasks"].dropna() for t in ts]
+    tasks = dict.fromkeys(spec_tasks + [t for t in task_columns(rows) if rows[t].notna().any()])
+    metrics = {t: next(iter(rows[t + METRIC].dropna()), None) if t + METRIC in rows else None for t in tasks}
+    rank = {cat: i for i, cat in enumerate(CATEGORIES)}
+    order = sorted(tasks, key=lambda t: (lower_is_better(metrics[t]), rank.get(category(t), len(rank))))
+    return {t: metrics[t] for t in order}
 
 
-def study_table(frame: pd.DataFrame, model: str) -> pd.DataFrame:
-    """The study table of `model`: one row per record, sorted FP first then by bits descending;
-    columns bits, method, status, one per task (percent for fractions), avg, drop %.
+def _best_cells(table: pd.DataFrame, columns: list[str], lower: set[str]) -> set[tuple[int, str]]:
+    """(row, column) of the best value of each column among the finished quantized rows of
+    each bit setting that has at least two of them."""
+    done = table[(table["status"] == "done") & (table["method"] != "fp")]
+    best = set()
+    for _, group in done.groupby("bits"):
+        for col in columns:
+            values = pd.to_numeric(group[col], errors="coerce").dropna()
+            if len(values) >= 2:
+                top = values.min() if col in lower else values.max()
+                best |= {(i, col) for i in values.index[values == top]}
+    return best
 
-    avg is the mean over the higher-is-better tasks (over the perplexity tasks when there are no
-    others); it is NaN when one of them is missing, so averages always cover the same tasks.
-    attrs: "notes" (lines to print under the table), "metrics" ({task: metric name}),
-    "decimals" ({column: decimals to show})."""
-    rows = frame[frame["model"] == model]
+
+def study_table(rows: pd.DataFrame, expected: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
+    """The study table of one model and baseline from its records (rows of records_frame).
+
+    ``expected`` (method, bits) labels that no record has become "missing" rows; so does the FP
+    record when absent. attrs: "model", "variant", "stem", "setting", "key" (baseline key),
+    "notes" (lines to print under the table), "metrics" ({task: metric name}), "decimals"
+    ({column: decimals}), "lower" (lower-is-better columns), "best" ({(row, column)}),
+    "categories" ({category: its tasks})."""
     if rows.empty:
-        raise ValueError(f"no records for model {model!r}")
-    order = sorted(range(len(rows)), key=lambda i: _bits_order(rows["method"].iat[i], rows["bits"].iat[i]))
+        raise ValueError("no records to tabulate")
+    if rows["model"].nunique() != 1 or rows["baseline_key"].nunique() != 1:
+        raise ValueError(f"a study table holds one model and baseline, got models {sorted(rows['model'].unique())} "
+                         f"and {rows['baseline_key'].nunique()} baselines")
+    first = rows.iloc[0]
+    absent = sorted({FP_LABEL, *expected} - set(zip(rows["method"], rows["bits"])))
+    placeholders = pd.DataFrame({"method": [m for m, _ in absent], "bits": [b for _, b in absent],
+                                 "status": MISSING_RUN, "created": ""})
+    rows = pd.concat([rows, placeholders], ignore_index=True) if absent else rows
+    order = sorted(range(len(rows)), key=lambda i: (_bits_order(rows["method"].iat[i], rows["bits"].iat[i]),
+                                                    str(rows["created"].iat[i])))
     rows = rows.iloc[order].reset_index(drop=True)
-    tasks = [t for t in task_columns(rows) if rows[t].notna().any()]
-    metrics = {t: rows[t + METRIC].dropna().iat[0] for t in tasks}
+
+    metrics = _tasks(rows)
+    tasks = list(metrics)
+    for t in tasks:
+        rows[t] = rows[t] if t in rows else math.nan
     lower = {t: lower_is_better(metrics[t]) for t in tasks}
-    percent = {t: not lower[t] and rows[t].dropna().between(0, 1).all() for t in tasks}
+    percent = {t: not lower[t] and rows[t].notna().any() and rows[t].dropna().between(0, 1).all() for t in tasks}
 
     table = rows[["bits", "method"]].copy()
     table["status"] = [f"failed: {e[:80]}" if s == "failed" and isinstance(e, str) else s
                        for s, e in zip(rows["status"], rows["error"])]
     for t in tasks:
         table[t] = rows[t] * (100 if percent[t] else 1)
+    categories = {cat: [t for t in tasks if not lower[t] and category(t) == cat] for cat in CATEGORIES}
+    categories = {cat: ts for cat, ts in categories.items() if ts}
+    for cat, cat_tasks in categories.items():
+        table[cat] = table[cat_tasks].mean(axis=1, skipna=False)
     avg_tasks = [t for t in tasks if not lower[t]] or tasks
     avg_lower = all(lower[t] for t in avg_tasks)
-    table[AVG] = table[avg_tasks].mean(axis=1, skipna=False)
+    table[AVG] = table[avg_tasks].mean(axis=1, skipna=False) if avg_tasks else math.nan
 
-    fp = rows[(rows["method"] == "fp") & (rows["status"] == "done")].sort_values("created", kind="stable")
-    fp_avg = pd.Series(table.loc[fp.index, AVG].to_numpy(), index=fp["baseline_key"])
-    fp_avg = fp_avg[~fp_avg.index.duplicated(keep="last")]  # the newest FP record of a baseline
-    table[DROP] = [_relative_drop(a, fp_avg[b], avg_lower) if b in fp_avg.index else NO_FP
-                   for a, b in zip(table[AVG], rows["baseline_key"])]
+    fp = table[(table["method"] == "fp") & (table["status"] == "done")]
+    table[DROP] = ([relative_drop(a, fp[AVG].iat[0], avg_lower) for a in table[AVG]] if len(fp)
+                   else NO_FP)
 
-    notes = [LEGEND]
+    stem, variant = model_variant(first["model"])
+    lower_cols = {t for t in tasks if lower[t]} | ({AVG} if avg_lower else set()) | {DROP}
+    best = _best_cells(table, [*tasks, *categories, AVG, DROP], lower_cols)
+    notes = [LEGEND + ("; bold = best of a bit setting" if best else ""), f"baseline: {first['setting_text']}"]
     if excluded := [t for t in tasks if t not in avg_tasks]:
-        notes.append(f"avg excludes lower-is-better tasks: {', '.join(excluded)}")
-    if no_fp := [" ".join(x for x in (m, b) if isinstance(x, str))
-                 for m, b, d in zip(table["method"], table["bits"], table[DROP]) if d == NO_FP]:
-        notes.append(f"no finished FP record (method 'fp') for the baseline of: {'; '.join(no_fp)}")
+        notes.append(f"avg and categories exclude lower-is-better tasks: {', '.join(excluded)}")
+    if other := [t for t in avg_tasks if not any(t in ts for ts in categories.values())]:
+        notes.append(f"in avg but in no category: {', '.join(other)}")
+    if not len(fp):
+        notes.append("no finished FP record (method 'fp') for this baseline: drops cannot be computed")
+    labels = [f"{m} {b}" for m, b in zip(table["method"], table["bits"])]
+    for status, what in ((MISSING_RUN, "missing runs (no record)"), ("failed", "failed runs")):
+        if hit := [lbl for lbl, s in zip(labels, rows["status"]) if s == status]:
+            notes.append(f"{what}: {'; '.join(hit)}")
+    if repeated := [lbl for lbl, n in Counter(labels).items() if n > 1]:
+        notes.append(f"several records (differing method/calib/quant settings) for: {'; '.join(repeated)}")
     table.attrs = {
-        "model": model, "notes": notes, "metrics": metrics,
+        "model": first["model"], "title": first["model"], "name": slug(first["model"]), "stem": stem,
+        "variant": variant, "setting": first["setting"], "key": first["baseline_key"], "notes": notes,
+        "metrics": metrics, "lower": lower_cols, "categories": categories,
         "decimals": {**{t: 1 if percent[t] else 2 for t in tasks},
+                     **{c: 1 if all(percent[t] for t in ts) else 2 for c, ts in categories.items()},
                      AVG: 1 if all(percent[t] for t in avg_tasks) else 2, DROP: 1},
+        "best": best,
     }
     return table
+
+
+def _name_tables(tables: list[pd.DataFrame], names: list[str]) -> list[pd.DataFrame]:
+    """Set attrs "name" (a file stem) and "title", with the table's key when a name repeats."""
+    counts = Counter(names)
+    for table, name in zip(tables, names):
+        unique = name if counts[name] == 1 else f"{name}-{table.attrs['key'][:8]}"
+        table.attrs.update(name=slug(unique), title=unique)
+    return tables
+
+
+def study_tables(frame: pd.DataFrame) -> list[pd.DataFrame]:
+    """The study table of every model and baseline in ``frame`` (by model name, then age). Each
+    table's rows are the (method, bits) of every table of the same setting: absent = missing."""
+    frame = frame[frame["model"].notna()]
+    expected: dict[str, set] = {}
+    for setting, method, bits in zip(frame["setting"], frame["method"], frame["bits"]):
+        expected.setdefault(setting, set()).add((method, bits))
+    groups = sorted(frame.groupby(["model", "baseline_key"], sort=False),
+                    key=lambda g: (g[0][0], str(g[1]["created"].min())))
+    tables = [study_table(rows.reset_index(drop=True), expected[rows["setting"].iat[0]]) for _, rows in groups]
+    return _name_tables(tables, [t.attrs["model"] for t in tables])
+
+
+def variant_pairs(tables: list[pd.DataFrame]) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """(base, instruct) study tables of one model stem evaluated in one setting."""
+    by = {(t.attrs["stem"], t.attrs["setting"], t.attrs["variant"]): t for t in tables}
+    return [(table, by[(stem, setting, "instruct")]) for (stem, setting, variant), table in by.items()
+            if variant == "base" and (stem, setting, "instruct") in by]
+
+
+def side_by_side(base: pd.DataFrame, instruct: pd.DataFrame) -> pd.DataFrame:
+    """Base and instruct tables merged on (bits, method): per variant its category averages, avg
+    and drop % (and status, unless every run of the variant finished)."""
+    keyed = []
+    for variant, table in (("base", base), ("instruct", instruct)):
+        cols = [*table.attrs["categories"], AVG, DROP]
+        if (table["status"] != "done").any():
+            cols.insert(0, "status")
+        part = table[["bits", "method", *cols]].rename(columns={c: f"{c} ({variant})" for c in cols})
+        part["nth"] = part.groupby(["bits", "method"]).cumcount()
+        keyed.append(part)
+    merged = keyed[0].merge(keyed[1], on=["bits", "method", "nth"], how="outer")
+    merged = merged.iloc[sorted(range(len(merged)), key=lambda i: _bits_order(merged["method"].iat[i],
+                                                                             merged["bits"].iat[i]))]
+    merged = merged.drop(columns="nth").reset_index(drop=True)
+    decimals = {f"{c} ({v})": d for v, t in (("base", base), ("instruct", instruct))
+                for c, d in t.attrs["decimals"].items()}
+    title = f"{base.attrs['stem']}-base-vs-instruct"
+    merged.attrs = {"stem": base.attrs["stem"], "key": base.attrs["setting"], "decimals": decimals,
+                    "title": title, "name": slug(title),
+                    "notes": [LEGEND, f"base: {base.attrs['model']}, instruct: {instruct.attrs['model']}; "
+                                      "per-task values in their own tables"]}
+    return merged
+
+
+def side_by_side_tables(tables: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    pairs = [side_by_side(b, i) for b, i in variant_pairs(tables)]
+    return _name_tables(pairs, [t.attrs["title"] for t in pairs])
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -142,9 +316,16 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({c: [cell(v, c) for v in table[c]] for c in table.columns})
 
 
+def _cells(table: pd.DataFrame, escape: Callable[[str], str], bold: Callable[[str], str]) -> pd.DataFrame:
+    cells = format_table(table).map(escape)
+    for i, col in table.attrs.get("best", ()):
+        cells.at[i, col] = bold(cells.at[i, col])
+    return cells
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    cells = format_table(table).map(lambda s: s.replace("|", r"\|"))
-    align = ["left" if c in LABELS else "right" for c in cells.columns]
+    cells = _cells(table, lambda s: s.replace("|", r"\|"), lambda s: f"**{s}**")
+    align = ["left" if c in LABELS or c.startswith("status") else "right" for c in cells.columns]
     text = cells.to_markdown(index=False, colalign=align, disable_numparse=True)
     return "\n".join([text, ""] + [f"- {note}" for note in table.attrs.get("notes", [])])
 
@@ -159,17 +340,20 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs tabular (needs \\usepackage{booktabs}); notes become comment lines above it."""
-    cells = format_table(table)
-    align = "".join("l" if c in LABELS else "r" for c in cells.columns)
-    def line(values): return " & ".join(latex_escape(v) for v in values) + r" \\"
-    return "\n".join([f"% {latex_escape(n)}" for n in table.attrs.get("notes", [])]
-                     + [rf"\begin{{tabular}}{{{align}}}", r"\toprule", line(cells.columns), r"\midrule"]
+    """A booktabs tabular (needs \\usepackage{booktabs}); title and notes become comment lines."""
+    cells = _cells(table, latex_escape, lambda s: rf"\textbf{{{s}}}")
+    align = "".join("l" if c in LABELS or c.startswith("status") else "r" for c in cells.columns)
+    def line(values): return " & ".join(values) + r" \\"
+    comments = [table.attrs.get("title", ""), *table.attrs.get("notes", [])]
+    return "\n".join([f"% {latex_escape(n)}" for n in comments if n]
+                     + [rf"\begin{{tabular}}{{{align}}}", r"\toprule", line(map(latex_escape, cells.columns)),
+                        r"\midrule"]
                      + [line(row) for row in cells.itertuples(index=False)]
                      + [r"\bottomrule", r"\end{tabular}", ""])
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """``text`` safe as a file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
@@ -188,13 +372,53 @@ def with_baselines(records: list[dict], store: ResultStore) -> list[dict]:
                       if r["baseline_key"] in wanted and r["key"] not in keys]
 
 
+def render(tables: list[pd.DataFrame], found: list) -> str:
+    """The whole report as markdown: every table under its title, then the findings."""
+    from qdlm_bench import findings  # it imports this module
+
+    parts = [f"## {t.attrs['title']}\n\n{to_markdown(t)}\n" for t in tables]
+    return "\n".join(parts + [findings.to_markdown(found)])
+
+
+def make_report(records: list[dict], out: Path, formats: Iterable[str] = tuple(FORMATS), suffix: str = "",
+                logger: WandbLogger | None = None) -> list[Path]:
+    """Print the report of ``records`` and write it to ``out``; log it to wandb through
+    ``logger`` when given. Returns the files written."""
+    from qdlm_bench import findings, plots  # findings imports this module; plots imports matplotlib
+
+    tables = study_tables(records_frame(records))
+    pairs = side_by_side_tables(tables)
+    found = findings.check(tables)
+    text = render(tables + pairs, found)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"report{suffix}.md"]
+    written[0].write_text(text + "\n")
+    for table in tables + pairs:
+        for fmt in formats:
+            written.append(out / f"{table.attrs['name']}{suffix}.{FORMATS[fmt]}")
+            _write(table, fmt, written[-1])
+    figures = [p for t in tables for p in plots.drop_chart(t, out / f"{t.attrs['name']}{suffix}-drop")]
+    print(f"wrote {len(written) + len(figures)} files to {out}", file=sys.stderr)
+    if logger is not None:
+        logger.log_outputs(f"report{suffix}", "report", files=written + figures,
+                           tables={t.attrs["name"]: format_table(t) for t in tables + pairs},
+                           images=[p for p in figures if p.suffix == ".png"],
+                           summary={f"finding/{f.key}": f.verdict for f in found})
+    return written + figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qdlm_bench.report", description=__doc__.split("\n")[0])
     parser.add_argument("--store", type=Path, default=Path("results"), help="folder of result records")
     for name in ("model", "method", "bits", "sweep"):
         parser.add_argument(f"--{name}", nargs="+", action="extend", help="filter; comma-separated ok")
-    parser.add_argument("--format", choices=FORMATS, default="md", help="format of the files in --out")
-    parser.add_argument("--out", type=Path, help="folder to write one table file per model into")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
+                        help="formats of the per-table files (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="folder the report is written to")
+    parser.add_argument("--wandb", choices=MODES, default="disabled",
+                        help="also log tables, figures and findings to a wandb run (project qdlm-bench, "
+                             "dir ./wandb; group: the sweep when one is given)")
     args = parser.parse_args(argv)
     where = {name: [v for arg in getattr(args, name) for v in arg.split(",") if v]
              if getattr(args, name) else None for name in ("model", "method", "bits", "sweep")}
@@ -205,16 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no records in {args.store} match {where}", file=sys.stderr)
         return 1
-    frame = records_frame(records)
-    suffix = f"-{_slug('+'.join(where['sweep']))}" if where["sweep"] else ""
-    for model in sorted(frame["model"].dropna().unique()):
-        table = study_table(frame, model)
-        print(f"## {model}\n\n{to_markdown(table)}")
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"{_slug(model)}{suffix}.{FORMATS[args.format]}"
-            _write(table, args.format, path)
-            print(f"wrote {path}", file=sys.stderr)
+    sweep = "+".join(where["sweep"]) if where["sweep"] else None
+    logger = WandbLogger(mode=args.wandb, dir="wandb", group=sweep)
+    make_report(records, args.out, args.format, f"-{slug(sweep)}" if sweep else "", logger)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Weights & Biases tracking: one wandb run per result record, grouped by sweep.
+"""Weights & Biases tracking: one wandb run per result record, grouped by sweep, and one per analysis
+(a report, an outlier or step-error study) with its tables, figures and files.
 
 mode "disabled" does nothing and never imports wandb; "offline" writes the run under `dir`
 (upload later with `wandb sync <dir>/wandb/offline-run-*`); "online" streams it to the server.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +36,28 @@ class WandbLogger:
     mode: str = "disabled"
     project: str = "qdlm-bench"
     entity: str | None = None
-    group: str | None = None  # default: the record's sweep name
+    group: str | None = None  # default: the record's sweep name (analyses: none)
     dir: str | Path | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"wandb mode must be one of {MODES}, got {self.mode!r}")
+
+    @contextmanager
+    def _run(self, name: str | None, job_type: str, group: str | None, config: dict, tags: list[str]):
+        """A wandb run, finished and flushed on exit."""
+        import wandb
+
+        if self.dir is not None:
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+        with wandb.init(
+            mode=self.mode, project=self.project, entity=self.entity, dir=self.dir,
+            group=self.group or group, job_type=job_type, name=name, tags=tags, config=config,
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        ) as run:
+            yield run
+        if wandb.run is None:  # wandb-core writes the run file lazily; shutting it down flushes it
+            wandb.teardown()
 
     def log_record(self, record: dict) -> Path | None:
         """Log `record` as one finished wandb run: config = spec; metrics flattened as
@@ -48,17 +67,10 @@ class WandbLogger:
             return None
         import wandb
 
-        if self.dir is not None:
-            Path(self.dir).mkdir(parents=True, exist_ok=True)
         labels = [record.get(f) for f in ("model", "method", "bits")]
-        with wandb.init(
-            mode=self.mode, project=self.project, entity=self.entity, dir=self.dir,
-            group=self.group or record.get("sweep"), job_type="eval",
-            name="/".join(str(x) for x in labels if x is not None) or None,
-            tags=[str(x)[:64] for x in labels if x is not None],
-            config=record.get("spec") or {},
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-        ) as run:
+        name = "/".join(str(x) for x in labels if x is not None) or None
+        with self._run(name, "eval", record.get("sweep"), record.get("spec") or {},
+                       [str(x)[:64] for x in labels if x is not None]) as run:
             run.log(flatten_metrics(record))
             run.summary.update({f: record.get(f) for f in
                                 ("status", "error", "key", "baseline_key", "model", "method", "bits")})
@@ -67,6 +79,25 @@ class WandbLogger:
             with artifact.new_file("record.json") as f:
                 json.dump(record, f, indent=2)
             run.log_artifact(artifact)
-        if wandb.run is None:  # wandb-core writes the run file lazily; shutting it down flushes it
-            wandb.teardown()
+        return Path(run.settings.sync_dir)
+
+    def log_outputs(self, name: str, job_type: str, *, tables: dict | None = None, images: list = (),
+                    files: list = (), config: dict | None = None, summary: dict | None = None) -> Path | None:
+        """Log an analysis (a report, an outlier study...) as one wandb run: each DataFrame of
+        ``tables`` as a wandb Table ``table/<key>``, each image file as ``figure/<file stem>``,
+        ``summary`` in the summary, and every path in ``files`` in an artifact of type ``job_type``.
+        Returns the run's local folder (None when disabled)."""
+        if self.mode == "disabled":
+            return None
+        import wandb
+
+        with self._run(name, job_type, None, config or {}, [job_type]) as run:
+            run.log({**{f"table/{k}": wandb.Table(dataframe=df) for k, df in (tables or {}).items()},
+                     **{f"figure/{Path(p).stem}": wandb.Image(str(p)) for p in images}})
+            run.summary.update(summary or {})
+            if files:
+                artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]+", "_", f"{job_type}-{name}"), type=job_type)
+                for path in files:
+                    artifact.add_file(str(path))
+                run.log_artifact(artifact)
         return Path(run.settings.sync_dir)

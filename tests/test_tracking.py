@@ -32,7 +32,7 @@ def test_bad_mode_is_rejected():
 
 def test_disabled_mode_does_nothing_and_never_imports_wandb():
     code = ("import sys; from qdlm_bench.tracking import WandbLogger; "
-            f"assert WandbLogger().log_record({{'key': 'k', 'metrics': {{}}}}) is None; "
+            "assert WandbLogger().log_record({'key': 'k', 'metrics': {}}) is None; "
             "assert 'wandb' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -86,3 +86,73 @@ def test_offline_run_holds_the_record(tmp_path, monkeypatch):
     assert entry.path == "record.json" and json.load(open(entry.local_path)) == record
     assert entry.local_path.startswith(str(tmp_path))  # nothing written outside the test folder
     assert "exit" in by_type  # the run was finished
+
+
+def wandb_env(monkeypatch, tmp_path):
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "home" / var))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def run_records(run_dir):
+    """The records of a run's .wandb file by type, its history as {key: value} (a logged dict
+    comes as one item per field), and its artifacts by type."""
+    by_type, history = {}, {}
+    for r in read_wandb_file(next(run_dir.glob("*.wandb"))):
+        by_type.setdefault(r.WhichOneof("record_type"), []).append(r)
+    for item in (i for r in by_type.get("history", []) for i in r.history.item):
+        key, *field = list(item.nested_key) or [item.key]
+        value = json.loads(item.value_json)
+        if field:
+            history.setdefault(key, {})[field[0]] = value
+        else:
+            history[key] = value
+    artifacts = {r.artifact.type: r.artifact for r in by_type.get("artifact", [])}
+    return by_type, history, artifacts
+
+
+def test_offline_outputs_hold_tables_figures_and_files(tmp_path, monkeypatch):
+    import pandas as pd
+    from qdlm_bench import plots
+
+    wandb_env(monkeypatch, tmp_path)
+    figure = plots.line_panels({"p": {"a": ([0, 1], [1.0, 2.0])}}, tmp_path / "fig", title="t", xlabel="x")
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes\n")
+    table = pd.DataFrame({"method": ["fp", "rtn"], "avg": ["70.0", "—"]})
+    logger = WandbLogger(mode="offline", project="qdlm-test", dir=tmp_path / "wb", group="sweep-b")
+    run_dir = logger.log_outputs("report-x", "report", tables={"m1": table}, images=[figure[0]],
+                                 files=[notes, *figure], summary={"finding/a": "holds"})
+    by_type, history, artifacts = run_records(run_dir)
+    run = by_type["run"][0].run
+    assert (run.run_group, run.job_type, run.display_name) == ("sweep-b", "report", "report-x")
+    logged = json.loads((run_dir / "files" / history["table/m1"]["path"]).read_text())
+    assert logged["columns"] == ["method", "avg"] and logged["data"] == [["fp", "70.0"], ["rtn", "—"]]
+    assert history["figure/fig"]["_type"] == "image-file"
+    assert (run_dir / "files" / history["figure/fig"]["path"]).stat().st_size > 1000
+    summary = {"/".join(u.nested_key) or u.key: json.loads(u.value_json)
+               for r in by_type["summary"] for u in r.summary.update}
+    assert summary["finding/a"] == "holds"
+    assert {e.path for e in artifacts["report"].manifest.contents} == {"notes.md", "fig.png", "fig.pdf"}
+    assert WandbLogger().log_outputs("x", "report", files=[notes]) is None  # disabled
+
+
+def test_report_logs_to_an_offline_run(tmp_path, monkeypatch):
+    from qdlm_bench import report
+    from qdlm_bench.store import ResultStore
+
+    wandb_env(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the report's wandb dir is ./wandb
+    store = ResultStore(tmp_path / "results")
+    store.write(new_record(dict(SPEC, method={"name": "fp"}), metrics=METRICS, sweep="sweep-a"))
+    store.write(make_record())
+    assert report.main(["--store", str(store.root), "--out", str(tmp_path / "reports"), "--sweep", "sweep-a",
+                        "--wandb", "offline"]) == 0
+    [run_dir] = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    by_type, history, artifacts = run_records(run_dir)
+    assert by_type["run"][0].run.run_group == "sweep-a" and by_type["run"][0].run.job_type == "report"
+    table = json.loads((run_dir / "files" / history["table/tiny-llada"]["path"]).read_text())
+    assert table["columns"][:3] == ["bits", "method", "status"] and [r[1] for r in table["data"]] == ["fp", "rtn"]
+    assert "figure/tiny-llada-sweep-a-drop" in history
+    files = {e.path for e in artifacts["report"].manifest.contents}
+    assert {"report-sweep-a.md", "tiny-llada-sweep-a.tex", "tiny-llada-sweep-a.csv"} <= files

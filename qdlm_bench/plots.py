@@ -1,0 +1,111 @@
+"""Figures of the study (matplotlib, Agg backend). Each function writes ``<stem>.png`` and
+``<stem>.pdf`` and returns their paths."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+Lines = dict[str, tuple[list, list]]  # line label -> (x values, y values)
+
+
+def save(fig, stem: Path) -> list[Path]:
+    """Write ``fig`` as PNG and PDF next to each other, then close it."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_name(f"{stem.name}.{ext}") for ext in ("png", "pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def line_panels(panels: dict[str, Lines], stem: Path, *, title: str, xlabel: str, log_y: bool = False,
+                style: Callable[[str], dict] | None = None, ncols: int = 2) -> list[Path]:
+    """One axes per panel (titled by its key), one line per label; ``style(label)`` gives each
+    line's matplotlib keywords. ``log_y``: log scale where a panel's values span over 20x. When
+    a panel has several lines, a legend of the first panel's labels sits right of the grid."""
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (name, lines) in zip(axes.flat, panels.items()):
+        for label, (x, y) in lines.items():
+            ax.plot(x, y, marker="o", markersize=3, label=label, **(style(label) if style else {}))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        values = np.array([v for _, y in lines.values() for v in y], dtype=float)
+        values = values[np.isfinite(values) & (values > 0)]
+        if log_y and len(values) and values.max() > 20 * values.min():
+            ax.set_yscale("log")
+        if all(float(v).is_integer() for x, _ in lines.values() for v in x):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    if any(len(lines) > 1 for lines in panels.values()):
+        fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8)
+    return save(fig, stem)
+
+
+def _max_pool(a: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, int, int]:
+    """Block-wise max of ``a`` down to at most rows x cols (so outliers survive); the block sizes."""
+    fr, fc = math.ceil(a.shape[0] / rows), math.ceil(a.shape[1] / cols)
+    padded = np.zeros((math.ceil(a.shape[0] / fr) * fr, math.ceil(a.shape[1] / fc) * fc))
+    padded[:a.shape[0], :a.shape[1]] = a
+    return padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc).max(axis=(1, 3)), fr, fc
+
+
+def surface(magnitude, stem: Path, *, title: str, max_tokens: int = 128, max_channels: int = 256) -> list[Path]:
+    """3-D surface of |x| over (token, channel) of one layer's input ``magnitude`` [tokens, channels];
+    max-pooled to at most max_tokens x max_channels."""
+    z, fr, fc = _max_pool(np.abs(np.asarray(magnitude, dtype=np.float64)), max_tokens, max_channels)
+    tokens, channels = np.meshgrid(np.arange(z.shape[0]) * fr, np.arange(z.shape[1]) * fc, indexing="ij")
+    fig = plt.figure(figsize=(7, 5))
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_surface(channels, tokens, z, cmap="viridis", linewidth=0, antialiased=False,
+                    rstride=1, cstride=1)
+    ax.set_xlabel("channel")
+    ax.set_ylabel("token")
+    ax.set_zlabel("|x|")
+    ax.view_init(elev=25, azim=-60)
+    pooling = f"\n(each point: the max over {fr} token(s) x {fc} channel(s))" if fr * fc > 1 else ""
+    ax.set_title(title + pooling, fontsize=10)
+    return save(fig, stem)
+
+
+def drop_chart(table: pd.DataFrame, stem: Path) -> list[Path]:
+    """Bars of drop % per bit setting (x) and method (colour) of a study table; none without drops."""
+    rows = table[(table["method"] != "fp") & (table["status"] == "done")].copy()
+    rows["drop"] = pd.to_numeric(rows["drop %"], errors="coerce")
+    rows = rows.dropna(subset=["drop"])
+    if rows.empty:
+        return []
+    bits = list(dict.fromkeys(rows["bits"]))
+    methods = list(dict.fromkeys(rows["method"]))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(bits) * max(1, len(methods) / 2)), 3.2))
+    for k, method in enumerate(methods):
+        mine = rows[rows["method"] == method].drop_duplicates("bits", keep="last").set_index("bits")["drop"]
+        xs = [i for i, b in enumerate(bits) if b in mine.index]
+        ax.bar([x + (k - (len(methods) - 1) / 2) * width for x in xs], [mine[bits[x]] for x in xs],
+               width, label=method)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(bits)), bits)
+    ax.set_ylabel("drop % vs FP (positive = worse)")
+    ax.set_title(table.attrs.get("title", ""))
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save(fig, stem)
