@@ -6,7 +6,6 @@ absent offline) fails here with a message naming the fix, before any weights loa
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,13 @@ import torch
 import methods
 from qdlm_bench import evaluation
 from qdlm_bench.calibration import CalibConfig
-from qdlm_bench.quant import QuantSpec
+from qdlm_bench.quant import QuantSpec, QuantSpecError
 
 MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer", "mask_token_id",
                 "chat_template", "generation")
 ZOO_DIR = Path(__file__).resolve().parent / "zoo" / "models"
+# activation options of the quant: section -> QuantSpec fields
+ACT_OPTIONS = {"act_sym": "a_sym", "act_clip_ratio": "a_clip_ratio", "act_layers": "act_layers"}
 
 
 class ConfigError(ValueError):
@@ -47,13 +48,12 @@ class RunSpec:
         model["source"] = (checkpoint_fingerprint(self.model["path"]) if self.model.get("path")
                            else self.model.get("hub_id") or self.model.get("shape"))
         evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "batch_size")}
-        calib = {}
-        if self.calib:
-            calib = {"calib": dataclasses.asdict(self.calib)}
-            if self.calib.masking == "none":  # the ratio distribution has no effect then
-                del calib["calib"]["mask_ratio"]
-        return {"model": model, "method": self.method, **calib,
-                "quant": {"bits": self.quant.name, "exclude": list(self.exclude)},
+        calib = {"calib": self.calib.defining()} if self.calib else {}
+        quant = {"bits": self.quant.name, "exclude": list(self.exclude)}
+        q = self.quant
+        if q.a_bits < 16:  # activation options matter only then (weight-only keys unchanged)
+            quant.update(act_sym=q.a_sym, act_clip_ratio=q.a_clip_ratio, act_layers=list(q.act_layers))
+        return {"model": model, "method": self.method, **calib, "quant": quant,
                 "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed}
 
 
@@ -108,16 +108,24 @@ def check_model(model: dict) -> dict:
     return model
 
 
+def quant_spec(bits: str, quant_cfg: dict) -> QuantSpec:
+    """The QuantSpec of ``bits`` with the activation options of the ``quant:`` config section."""
+    options = {field: quant_cfg[key] for key, field in ACT_OPTIONS.items() if quant_cfg.get(key) is not None}
+    try:
+        return QuantSpec.parse(bits, **options)
+    except QuantSpecError as err:
+        raise ConfigError(str(err)) from None
+    except ValueError as err:  # an activation option
+        raise ConfigError(f"quant.act_* ({', '.join(ACT_OPTIONS)}): {err}") from None
+
+
 def build(cfg: dict) -> RunSpec:
     """Validate a resolved Hydra config (as a plain dict) into a RunSpec."""
     method = dict(cfg["method"])
     name = method.get("name")
     if name not in methods.available():
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(methods.available())}")
-    try:
-        quant = QuantSpec.parse("fp16" if name == "fp" else str(cfg["bits"]))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    quant = quant_spec("fp16" if name == "fp" else str(cfg["bits"]), cfg["quant"])
     if name != "fp" and quant.is_fp:
         raise ConfigError(f"method {name} quantizes, but bits={cfg['bits']} is full precision; "
                           "use method=fp for the baseline or a bit string like w4a16")

@@ -2,12 +2,15 @@
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from qdlm_bench import calibration
-from qdlm_bench.calibration import CalibConfig, CalibSet, build, cache_key, resolve_source
+from qdlm_bench.calibration import (CalibConfig, CalibSet, build, cache_key, confidences, resolve_source, source_texts,
+                                    task_prompts)
+from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.tokenizer import byte_tokenizer
 
 TOK = byte_tokenizer()
@@ -87,18 +90,20 @@ def test_cache_hit_identical_without_retokenizing(text_file, tmp_path, monkeypat
 def test_cache_key_changes(text_file, tmp_path):
     base = {"source": str(text_file), "n_samples": 16, "seqlen": 64}
 
-    def key(tok=TOK, mask=MASK, path=text_file, **kw):
+    def key(tok=TOK, mask=MASK, **kw):
         cfg = CalibConfig.from_dict({**base, **kw})
-        return cache_key(cfg, tok, mask, path)
+        return cache_key(cfg, tok, mask, source_texts(cfg))
 
     k = key()
     other = tmp_path / "other.txt"
     other.write_text(text_file.read_text() + "more")
     variants = [key(n_samples=8), key(seqlen=32), key(seed=1), key(masking="random"),
-                key(source=str(other), path=other), key(mask=MASK + 1),
-                key(masking="random", mask_ratio={"dist": "fixed", "value": 0.5})]
+                key(source=str(other)), key(mask=MASK + 1),
+                key(masking="random", mask_ratio={"dist": "fixed", "value": 0.5}),
+                key(source="prompts:mini_math"), key(source="prompts:mini_math", chat_template=True)]
     assert k not in variants and len(set(variants)) == len(variants)
     assert key(mask_ratio={"dist": "fixed", "value": 0.5}) == k  # mask_ratio is inert without masking
+    assert key(chat_template=True) == k  # so is chat_template for a text source
     text_file.write_text(text_file.read_text() + "edit")       # the source's content is part of the key
     assert key() != k
 
@@ -152,3 +157,85 @@ def test_real_wikitext2(tmp_path):
     assert calib.input_ids.shape == (8, 2048)
     assert resolve_source(CalibConfig.from_dict(cfg)).name == "wiki.test.raw.reconstructed"
     assert torch.equal(build(cfg, TOK, MASK, cache_dir=tmp_path).input_ids, calib.input_ids)
+
+
+# --- prompt sources -------------------------------------------------------------------------------
+
+def decode(row, attn) -> str:
+    return "".join(map(chr, row[attn.bool()].tolist()))  # the byte tokenizer: one id per character
+
+
+def test_prompts_source_left_pads_distinct_task_prompts():
+    prompts = task_prompts(["mini_math", "mini_code"])
+    assert len(prompts) == 200 and prompts[0].startswith("Question: ") and prompts[0].endswith("\nAnswer:")
+    assert any(p.startswith("def ") for p in prompts)
+    calib = build({"source": "prompts:mini_math+mini_code", "n_samples": 12, "seqlen": 512}, TOK, MASK, cache_dir=None)
+    attn = calib.attention_mask
+    lengths = attn.sum(1)
+    assert calib.input_ids.shape == (12, int(lengths.max())) and not calib.masked.any()
+    for row, a, n in zip(calib.input_ids, attn, lengths.tolist()):
+        assert a.tolist() == [0] * (len(a) - n) + [1] * n  # left padding
+    rows = [decode(r, a) for r, a in zip(calib.input_ids, attn)]
+    assert set(rows) <= set(prompts) and len(set(rows)) == 12  # whole, distinct prompts
+    short = build({"source": "prompts:mini_math+mini_code", "n_samples": 12, "seqlen": 30}, TOK, MASK, cache_dir=None)
+    assert short.attention_mask is None  # every prompt is longer than 30: no padding
+    for r, full in zip(short.input_ids, rows):  # the same draw, each prompt cut to its end
+        assert decode(r, torch.ones_like(r)) == full[-30:]
+
+
+def test_prompts_random_masking_spares_padding():
+    cfg = {"source": "prompts:mini_math", "n_samples": 16, "seqlen": 512, "masking": "random"}
+    calib = build(cfg, TOK, MASK, cache_dir=None)
+    real = calib.attention_mask.bool()
+    assert not (calib.masked & ~real).any() and (calib.input_ids[calib.masked] == MASK).all()
+    assert torch.equal(calib.masked.sum(1), (calib.mask_ratio * real.sum(1)).round().long())
+
+
+def test_prompts_with_chat_template():
+    from qdlm_bench.models.checkpoint import load_tokenizer
+    tok = load_tokenizer(calibration.PROJECT_DIR / "qdlm_bench" / "zoo" / "models" / "tiny-llada-instruct")
+    cfg = {"source": "prompts:mini_math", "n_samples": 4, "seqlen": 512, "chat_template": True}
+    calib = build(cfg, tok, 1, cache_dir=None)
+    for row, a in zip(calib.input_ids, calib.attention_mask):
+        text = tok.decode(row[a.bool()])
+        assert text.startswith("<|user|>\nQuestion: ") and text.endswith("Answer:\n<|assistant|>\n"), text
+
+
+def test_prompts_errors(monkeypatch):
+    from qdlm_bench.evaluation import tasks
+    with pytest.raises(ValueError, match="prompts:<task>"):
+        CalibConfig(source="prompts:mini_math+")
+    monkeypatch.setattr(tasks, "lm_eval_tasks", lambda: SimpleNamespace(all_tasks=[]))  # lm-eval's index: slow
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        build({"source": "prompts:nope"}, TOK, MASK, cache_dir=None)
+    with pytest.raises(ValueError, match=r"100 prompts.*n_samples <= 100"):
+        build({"source": "prompts:mini_math", "n_samples": 101}, TOK, MASK, cache_dir=None)
+
+
+def test_optional_fields_travel_and_cache(tmp_path):
+    cfg = {"source": "prompts:mini_math", "n_samples": 5, "seqlen": 512, "masking": "random"}
+    first = build(cfg, TOK, MASK, cache_dir=tmp_path)
+    second = build(cfg, TOK, MASK, cache_dir=tmp_path)
+    assert set(second.tensors()) == {"input_ids", "masked", "mask_ratio", "attention_mask"}
+    assert all(torch.equal(t, second.tensors()[n]) for n, t in first.tensors().items())
+    full = CalibSet(**first.tensors(), confidence=torch.rand(5, first.input_ids.shape[1]),
+                    token_weights=torch.rand(5, first.input_ids.shape[1]))
+    parts = list(full.to("cpu").batches(2))
+    assert [len(p) for p in parts] == [2, 2, 1]
+    for name, t in full.tensors().items():
+        assert torch.equal(torch.cat([p.tensors()[name] for p in parts]), t), name
+
+
+def test_confidences():
+    model = random_model("tiny-llada").eval()
+    calib = build({"source": "prompts:mini_math", "n_samples": 4, "seqlen": 40, "masking": "random"},
+                  TOK, model.config.mask_token_id, cache_dir=None)
+    conf = confidences(model, calib, batch_size=3)
+    with torch.no_grad():
+        logits = model(calib.input_ids, attention_mask=calib.attention_mask)
+    logits[..., model.config.mask_token_id] = -torch.inf
+    probs = logits.softmax(-1)
+    m = calib.masked
+    assert m.any() and (~m).any()
+    assert torch.allclose(conf[m], probs.amax(-1)[m], atol=1e-6)
+    assert torch.allclose(conf[~m], probs.gather(-1, calib.input_ids[..., None]).squeeze(-1)[~m], atol=1e-6)
