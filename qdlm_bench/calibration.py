@@ -39,12 +39,15 @@ from pathlib import Path
 import torch
 
 from qdlm_bench.diffusion import _forbid_mask, _pad
+from qdlm_bench.zoo.corpus import calibration_text
 
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DATA_SOURCES = {"wikitext2": "wikitext2/raw/wiki.test.raw.reconstructed", "tinyshakespeare": "tinyshakespeare/input.txt"}
 PROJECT_SOURCES = {"mini_ppl": PROJECT_DIR / "tasks" / "mini" / "mini_ppl.jsonl"}
+# text made by code: the tiny models' held-out pretraining mix
+GENERATED_SOURCES = {"zoo_mix": lambda: calibration_text(PROJECT_SOURCES["mini_ppl"])}
 PROMPTS_PREFIX = "prompts:"
 MASK_DISTS = {"uniform": {"low", "high"}, "fixed": {"value"}}
 CACHE_VERSION = 2
@@ -163,7 +166,8 @@ def resolve_source(cfg: CalibConfig, data_dir=None) -> Path:
         path, hint = PROJECT_SOURCES[cfg.source], "set calib.source to another source"
     else:
         path = Path(cfg.source).expanduser()
-        hint = f"calib.source is a name ({sorted({**DATA_SOURCES, **PROJECT_SOURCES})}) or a .txt/.jsonl file"
+        names = sorted([*DATA_SOURCES, *PROJECT_SOURCES, *GENERATED_SOURCES])
+        hint = f"calib.source is a name ({names}), prompts:<task>, or a .txt/.jsonl file"
     if not path.is_file():
         raise FileNotFoundError(f"calibration source {cfg.source!r}: file {path} not found; {hint}")
     return path
@@ -205,6 +209,8 @@ def source_texts(cfg: CalibConfig, data_dir=None) -> list[str]:
     tasks = cfg.prompt_tasks
     if tasks is not None:
         return task_prompts(tasks, data_dir)
+    if cfg.source in GENERATED_SOURCES:
+        return [GENERATED_SOURCES[cfg.source]()]
     return [read_text(resolve_source(cfg, data_dir), cfg.text_field)]
 
 

@@ -57,6 +57,17 @@ def test_eval_items_never_appear_in_training_output(skill):
     assert not [p for p in prompts if p in text]
 
 
+def test_calibration_text_mixes_held_out_real_text_and_train_split_items_only():
+    mini_ppl = ROOT / "tasks" / "mini" / "mini_ppl.jsonl"
+    text = corpus.calibration_text(mini_ppl)
+    assert text == corpus.calibration_text(mini_ppl)  # seeded
+    assert all(r["text"] in text for r in rows("mini_ppl"))
+    assert "Question:" in text and "def " in text and "is a country." in text
+    for skill in tasks.SKILLS:
+        prompts = [tasks.pair(skill, it)[0] for it in tasks.items(skill, "eval", tasks.EVAL_SIZES[skill], tasks.TASK_SEED)]
+        assert not [p for p in prompts if p in text]
+
+
 def test_qa_facts_of_eval_questions_are_stated_in_training_text():
     facts = [t for s, t in corpus.generated_docs(seed=0, scale=0.01) if s == "facts"]
     by_name = {c["name"]: c for c in tasks.WORLD}

@@ -135,6 +135,20 @@ def generated_docs(seed: int, scale: float) -> list[tuple[str, str]]:
     return docs
 
 
+CALIB_SEED = 99  # generated calibration items: train split, a seed no corpus build uses by default
+CALIB_SCALE = 0.003  # ~100 KB of skill text, about as much as the held-out real text
+
+
+def calibration_text(mini_ppl: Path) -> str:
+    """The zoo models' calibration text: a sample of their pretraining mix that is not training
+    text. The held-out real text of mini_ppl (``mini_ppl`` file, one ``{"text"}`` a line) and fresh
+    train-split skill items, about half and half as in the corpus, shuffled, blank-line separated."""
+    real = [json.loads(line)["text"] for line in mini_ppl.read_text().splitlines() if line.strip()]
+    docs = real + [text for _, text in generated_docs(CALIB_SEED, CALIB_SCALE)]
+    random.Random(CALIB_SEED).shuffle(docs)
+    return "\n\n".join(docs)
+
+
 def build_docs(data_dir: Path | None, seed: int = 0, scale: float = 1.0) -> tuple[list, dict]:
     """All training documents as (source, text), shuffled, and the manifest describing them."""
     docs = [("stdlib", p.read_text(errors="replace")) for p in training_files()]
