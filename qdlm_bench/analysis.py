@@ -17,8 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-import methods
-from qdlm_bench import calibration, runspec
+from qdlm_bench import calibration, pipeline, runspec
 from qdlm_bench.models.factory import load_fp_model
 from qdlm_bench.report import slug
 from qdlm_bench.tracking import WandbLogger
@@ -64,9 +63,7 @@ def load(spec: runspec.RunSpec):
 def quantized(spec: runspec.RunSpec):
     """A fresh copy of the run's model quantized by its method, as pipeline.execute does."""
     model, tokenizer = load(spec)
-    calib = (calibration.build(spec.calib, tokenizer, model.config.mask_token_id, data_dir=spec.settings.data_dir)
-             if spec.calib else None)
-    methods.get(spec.method["name"])(model, spec.quant, calib, {**spec.method, "exclude": spec.exclude})
+    pipeline.quantize(spec, model, tokenizer)
     return model.eval()
 
 

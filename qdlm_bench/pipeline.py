@@ -24,10 +24,10 @@ def timed(timings: dict, name: str):
         timings[name] = round(time.perf_counter() - start, 3)
 
 
-def execute(spec: runspec.RunSpec, timings: dict) -> dict:
-    """Load, quantize and evaluate; returns the per-task metrics."""
-    with timed(timings, "load_s"):
-        model, tokenizer = load_fp_model(spec.model, spec.dtype, spec.device, spec.seed)
+def quantize(spec: runspec.RunSpec, model, tokenizer, timings: dict | None = None) -> dict:
+    """Build the run's calibration set (when its method needs one) and quantize ``model`` in
+    place with its method; returns the method's info dict. ``timings`` gets calibrate_s/quantize_s."""
+    timings = {} if timings is None else timings
     calib = None
     if spec.calib:
         with timed(timings, "calibrate_s"):
@@ -35,7 +35,15 @@ def execute(spec: runspec.RunSpec, timings: dict) -> dict:
                                       data_dir=spec.settings.data_dir)
     log.info("quantizing with %s at %s", spec.method["name"], spec.quant.name)
     with timed(timings, "quantize_s"):
-        methods.get(spec.method["name"])(model, spec.quant, calib, {**spec.method, "exclude": spec.exclude})
+        options = {k: v for k, v in spec.method.items() if k != "label"}  # label: the table name only
+        return methods.get(spec.method["name"])(model, spec.quant, calib, {**options, "exclude": spec.exclude})
+
+
+def execute(spec: runspec.RunSpec, timings: dict) -> dict:
+    """Load, quantize and evaluate; returns the per-task metrics."""
+    with timed(timings, "load_s"):
+        model, tokenizer = load_fp_model(spec.model, spec.dtype, spec.device, spec.seed)
+    quantize(spec, model, tokenizer, timings)
     log.info("evaluating %s", ", ".join(spec.tasks))
     with timed(timings, "evaluate_s"):
         return evaluation.run(model, tokenizer, spec.tasks, spec.settings)

@@ -52,8 +52,9 @@ def baseline_key(spec: dict) -> str:
 
 
 def _name(section: Any) -> Any:
-    """The name of a spec section: {"name": ...} dicts give their name, plain values themselves."""
-    return section.get("name") if isinstance(section, dict) else section
+    """The name of a spec section: {"name": ...} dicts give their ``label`` (a variant's name in
+    tables, e.g. an ablation rung) or else their name; plain values themselves."""
+    return (section.get("label") or section.get("name")) if isinstance(section, dict) else section
 
 
 @functools.lru_cache(maxsize=1)

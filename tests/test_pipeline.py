@@ -63,6 +63,15 @@ def test_rerun_skips_finished_runs_unless_forced(tmp_path, monkeypatch):
     assert record["metrics"]["mini_qa"]["metric"] == "acc,none"
 
 
+def test_a_method_label_names_the_record_and_is_not_passed_to_the_method(tmp_path, monkeypatch):
+    seen = []
+    rtn = pipeline.methods.get("rtn")
+    monkeypatch.setattr(pipeline.methods, "get", lambda name: lambda m, s, c, cfg: seen.append(cfg) or rtn(m, s, c, cfg))
+    record = pipeline.run(config("method=rtn", "bits=w8a16", "+method.label=rtn-variant"), store_root=tmp_path)
+    assert record["status"] == "done" and record["method"] == "rtn-variant"
+    assert "label" not in seen[0] and seen[0]["name"] == "rtn"
+
+
 def test_a_failing_run_is_recorded_and_does_not_raise(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("quantizer exploded")
