@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from qdlm_bench.models.presets import random_model
+from qdlm_bench.models.transformer import compile_blocks
+
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM spec sheets
 
 
@@ -31,3 +34,20 @@ def device_peak() -> tuple[str, float | None]:
         return "cpu", None
     name = torch.cuda.get_device_name()
     return name, next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (a no-op on CPU), so wall times are complete."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_model(shape: str, seed: int, compile: bool = False):
+    """A random-weight model of ``shape`` in eval mode: bf16 on the GPU, fp32 on CPU;
+    ``compile`` compiles its blocks (``compile_blocks``)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = random_model(shape, dtype=dtype, device=device, seed=seed).eval()
+    if compile:
+        compile_blocks(model)
+    return model

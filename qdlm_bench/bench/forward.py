@@ -20,19 +20,13 @@ import time
 import torch
 
 from methods.quarot import quantize as quarot
-from qdlm_bench.models.presets import random_model
-from qdlm_bench.models.transformer import compile_blocks
 from qdlm_bench.quant import QuantSpec
 
-from .common import device_peak, forward_flops, parse_args
+from .common import bench_model, device_peak, forward_flops, parse_args, sync
 
 TARGET_RATIO = 1.5
 KEPT_POSITIONS = 64
 
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 @torch.inference_mode()
@@ -41,14 +35,14 @@ def time_forward(model, ids: torch.Tensor, warmup: int, repeats: int) -> dict:
     calls (CUDA), and the logits of the first positions (on the CPU, float32)."""
     for _ in range(warmup):
         model(ids)
-    _sync()
+    sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         logits = model(ids)
-        _sync()
+        sync()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"ms": statistics.median(times) * 1e3, "peak_mem_gib": peak and round(peak, 2),
@@ -61,20 +55,17 @@ def run(argv: list[str]) -> dict:
     spec = QuantSpec.parse(a["bits"])
     if spec.is_fp:
         raise SystemExit(f"bits={a['bits']} is full precision; give a quantized spec such as w4a4")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = random_model(a["shape"], dtype=dtype, device=device, seed=a["seed"]).eval()
-    if a["compile"]:
-        compile_blocks(model)
+    model = bench_model(a["shape"], a["seed"], a["compile"])
+    device, dtype = model.device.type, model.dtype
     cfg = model.config
     g = torch.Generator().manual_seed(a["seed"])
     ids = torch.randint(0, min(cfg.vocab_size, cfg.mask_token_id), (a["batch"], a["seq_len"]), generator=g).to(device)
 
     fp = time_forward(model, ids, a["warmup"], a["repeats"])
-    _sync()
+    sync()
     start = time.perf_counter()
     quarot(model, spec, None, {"weights": "rtn"})  # in place: one model in memory
-    _sync()
+    sync()
     quantize_s = time.perf_counter() - start
     q = time_forward(model, ids, a["warmup"], a["repeats"])
 

@@ -19,28 +19,22 @@ import torch
 
 import methods
 from qdlm_bench.calibration import CalibSet
-from qdlm_bench.models.presets import random_model
 from qdlm_bench.quant import QuantSpec
 from qdlm_bench.quant.walk import Batches, block_inputs, run_block
 
-from .common import device_peak, parse_args
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from .common import bench_model, device_peak, parse_args, sync
 
 
 @torch.no_grad()
 def forward_pass(model, calib: CalibSet, batch_size: int) -> float:
     """Seconds of one pass of the calibration set through every block, as the walk runs it."""
-    _sync()
+    sync()
     start = time.perf_counter()
     batches = Batches(model, calib, batch_size, None)
     xs = block_inputs(model, calib.input_ids, batch_size)
     for block in model.blocks:
         xs = run_block(block, xs, batches)
-    _sync()
+    sync()
     return time.perf_counter() - start
 
 
@@ -49,9 +43,8 @@ def run(argv: list[str]) -> dict:
                               batch_size=8, seed=0, out=""))
     method = methods.get(a["method"])
     spec = QuantSpec.parse(a["bits"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = random_model(a["shape"], dtype=dtype, device=device, seed=a["seed"]).eval()
+    model = bench_model(a["shape"], a["seed"])
+    device, dtype = model.device.type, model.dtype
     cfg = model.config
     g = torch.Generator().manual_seed(a["seed"])
     ids = torch.randint(0, min(cfg.vocab_size, cfg.mask_token_id), (a["n_samples"], a["seqlen"]), generator=g)
@@ -61,10 +54,10 @@ def run(argv: list[str]) -> dict:
     forward_s = forward_pass(model, calib, a["batch_size"])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _sync()
+    sync()
     start = time.perf_counter()
     info = method(model, spec, calib, {"batch_size": a["batch_size"]})
-    _sync()
+    sync()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     gpu, _ = device_peak()

@@ -17,29 +17,23 @@ import time
 import torch
 
 from qdlm_bench.diffusion import GenerationConfig, generate
-from qdlm_bench.models.presets import random_model
-from qdlm_bench.models.transformer import compile_blocks
 
-from .common import device_peak, forward_flops, parse_args
+from .common import bench_model, device_peak, forward_flops, parse_args, sync
+
 
 def timed_generate(model, prompts, gen: GenerationConfig, batch_size: int) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     generate(model, prompts, gen, batch_size=batch_size)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 
 def run(argv: list[str]) -> dict:
     a = parse_args(argv, dict(shape="llada-8b", batch=16, prompt_len=500, gen_length=256, steps=256,
                               block_length=32, baseline_prompts=2, compile=0, seed=0, out=""))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = random_model(a["shape"], dtype=dtype, device=device, seed=a["seed"]).eval()
-    if a["compile"]:
-        compile_blocks(model)
+    model = bench_model(a["shape"], a["seed"], a["compile"])
+    device, dtype = model.device.type, model.dtype
     cfg = model.config
     g = torch.Generator().manual_seed(a["seed"])
     spread = max(1, a["prompt_len"] // 20)
