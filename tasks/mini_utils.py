@@ -14,10 +14,16 @@ import datasets
 MINI_DIR = Path(__file__).parent / "mini"
 
 
-def load_mini(name: str, **_) -> datasets.DatasetDict:
-    """The test split of mini task ``name`` from ``tasks/mini/<name>.jsonl``."""
-    path = MINI_DIR / f"{name}.jsonl"
+def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; regenerate it with `python -m qdlm_bench.zoo.tasks`")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_mini(name: str, train: bool = False, **_) -> datasets.DatasetDict:
+    """Mini task ``name``: the test split from ``tasks/mini/<name>.jsonl`` and, with ``train``, the
+    training split (train-split items, disjoint from the test rows) from ``<name>_train.jsonl``."""
+    splits = {"test": _rows(MINI_DIR / f"{name}.jsonl")}
+    if train:
+        splits["train"] = _rows(MINI_DIR / f"{name}_train.jsonl")
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})

@@ -93,6 +93,10 @@ def test_mini_task_files_have_fields_and_sizes(name):
 @pytest.mark.parametrize("skill", tasks.SKILLS)
 def test_committed_files_are_the_generator_output(skill):
     assert rows(f"mini_{skill}") == tasks.task_rows(skill)
+    train = rows(f"mini_{skill}_train")
+    assert train == tasks.task_rows(skill, "train") and len(train) == tasks.TRAIN_SIZE
+    field = {"math": "question", "code": "prompt", "qa": "question"}[skill]
+    assert not {r[field] for r in train} & {r[field] for r in rows(f"mini_{skill}")}
 
 
 def test_mini_qa_rows_are_well_formed():

@@ -360,13 +360,19 @@ def text(skill: str, item: dict) -> str:
     return "".join(pair(skill, item))
 
 
-def task_rows(skill: str, seed: int = TASK_SEED) -> list[dict]:
-    """The rows of a mini-task file (the eval items without their internal key)."""
-    rows = [{k: v for k, v in it.items() if k != "key"} for it in items(skill, "eval", EVAL_SIZES[skill], seed)]
+TRAIN_SIZE = 200  # rows of each mini task's training split (calibration prompts, few-shot examples)
+
+
+def task_rows(skill: str, split: str = "eval", seed: int = TASK_SEED) -> list[dict]:
+    """The rows of a mini-task file (items without their internal key): the ``eval`` split (the
+    test rows) or ``train`` (``TRAIN_SIZE`` train-split items, never evaluated)."""
+    n = EVAL_SIZES[skill] if split == "eval" else TRAIN_SIZE
+    rows = [{k: v for k, v in it.items() if k != "key"} for it in items(skill, split, n, seed)]
+    prefix = "" if split == "eval" else "train-"
     if skill == "code":
-        rows = [{"task_id": f"MiniCode/{i}", **row} for i, row in enumerate(rows)]
+        rows = [{"task_id": f"MiniCode/{prefix}{i}", **row} for i, row in enumerate(rows)]
     if skill == "qa":
-        rows = [{"id": f"MiniQA-{i}", **row} for i, row in enumerate(rows)]
+        rows = [{"id": f"MiniQA-{prefix}{i}", **row} for i, row in enumerate(rows)]
     return rows
 
 
@@ -376,10 +382,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_mini_tasks(folder: Path, data_dir: Path | None) -> dict[str, int]:
-    """Write mini_{qa,math,code,ppl}.jsonl into ``folder``; returns the row counts."""
+    """Write mini_{qa,math,code,ppl}.jsonl and the training splits mini_{qa,math,code}_train.jsonl
+    into ``folder``; returns the row counts."""
     from .corpus import heldout_docs
 
-    files = {f"mini_{s}": task_rows(s) for s in SKILLS}
+    files = {f"mini_{s}": task_rows(s) for s in SKILLS} | {f"mini_{s}_train": task_rows(s, "train") for s in SKILLS}
     files["mini_ppl"] = [{"text": d} for d in heldout_docs(data_dir)]
     for name, rows in files.items():
         write_jsonl(Path(folder) / f"{name}.jsonl", rows)
