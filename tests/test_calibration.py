@@ -166,8 +166,8 @@ def decode(row, attn) -> str:
 
 
 def test_prompts_source_left_pads_distinct_task_prompts():
-    prompts = task_prompts(["mini_math", "mini_code"])
-    assert len(prompts) == 200 and prompts[0].startswith("Question: ") and prompts[0].endswith("\nAnswer:")
+    prompts = task_prompts(["mini_math", "mini_code"])  # their training splits, 200 rows each
+    assert len(prompts) == 400 and prompts[0].startswith("Question: ") and prompts[0].endswith("\nAnswer:")
     assert any(p.startswith("def ") for p in prompts)
     calib = build({"source": "prompts:mini_math+mini_code", "n_samples": 12, "seqlen": 512}, TOK, MASK, cache_dir=None)
     attn = calib.attention_mask
@@ -208,8 +208,8 @@ def test_prompts_errors(monkeypatch):
     monkeypatch.setattr(tasks, "lm_eval_tasks", lambda: SimpleNamespace(all_tasks=[]))  # lm-eval's index: slow
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         build({"source": "prompts:nope"}, TOK, MASK, cache_dir=None)
-    with pytest.raises(ValueError, match=r"100 prompts.*n_samples <= 100"):
-        build({"source": "prompts:mini_math", "n_samples": 101}, TOK, MASK, cache_dir=None)
+    with pytest.raises(ValueError, match=r"200 prompts.*n_samples <= 200"):
+        build({"source": "prompts:mini_math", "n_samples": 201}, TOK, MASK, cache_dir=None)
 
 
 def test_optional_fields_travel_and_cache(tmp_path):
