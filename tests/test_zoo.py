@@ -238,3 +238,12 @@ def test_smoke_training_saves_loadable_checkpoints_and_resumes(tmp_path, capsys)
     hf = json.loads((dream / "config.json").read_text())
     assert hf["model_type"] == "Dream" and hf["num_key_value_heads"] < hf["num_attention_heads"]
     assert load_model(dream)[0].config.shift_logits
+
+
+def test_quick_check_scores_every_skill_and_both_qa_splits():
+    from qdlm_bench.zoo.check import check
+
+    model, tokenizer = load_model(ROOT / "qdlm_bench" / "zoo" / "models" / "tiny-llada-base", dtype=torch.float32)
+    scores = check(model, tokenizer, n=2, mc_num=2)
+    assert set(scores) == {"math_em", "code_pass", "qa_acc", "qa_train_acc"}
+    assert all(0 <= v <= 1 for v in scores.values())
