@@ -8,6 +8,8 @@ cfg keys: ``block_size`` (128), ``damp`` (0.01), ``act_order`` (False), ``static
 ``true_sequential`` (True), ``batch_size`` (8), ``exclude`` (fnmatch patterns of layer names).
 """
 
+import torch
+
 from qdlm_bench.quant import QuantSpec, linear_layers, wrap_activations
 from qdlm_bench.quant.gptq import Hessian, gptq_quantize
 from qdlm_bench.quant.walk import walk_blocks
@@ -34,15 +36,19 @@ def gptq_weights(model, spec: QuantSpec, calib, cfg: dict, selected: set[str]) -
     done, damps = [], []
 
     def fn(i, block, stats):
+        shared: dict[int, list[str]] = {}  # the selected linears of each Hessian (one per subset)
         for name, hess in stats.items():
-            full = f"blocks.{i}.{name}"
-            if full not in selected:
-                continue
-            layer = getattr(block, name)
-            q, info = gptq_quantize(layer.weight, hess.H, spec.w_bits, spec.w_sym, spec.group_size,
-                                    name=full, **opts)
-            layer.weight.copy_(q)
-            done.append(full)
+            if f"blocks.{i}.{name}" in selected:
+                shared.setdefault(id(hess), []).append(name)
+        for names in shared.values():
+            # GPTQ treats rows independently given H: one solve over the stacked rows of the
+            # linears that share H equals one solve per linear, at one column loop for all.
+            layers = [getattr(block, n) for n in names]
+            q, info = gptq_quantize(torch.cat([lin.weight for lin in layers]), stats[names[0]].H, spec.w_bits,
+                                    spec.w_sym, spec.group_size, name=f"blocks.{i}.{'+'.join(names)}", **opts)
+            for lin, part in zip(layers, q.split([lin.out_features for lin in layers])):
+                lin.weight.copy_(part)
+            done.extend(f"blocks.{i}.{n}" for n in names)
             damps.append(info["damp"])
 
     walk_blocks(model, calib, fn, InputHessian, batch_size=cfg.get("batch_size", 8),

@@ -165,3 +165,5 @@ def test_token_stats_subsample_is_deterministic_and_bounded():
     for chunk in x.split(7):
         st.add(chunk)
     assert len(st.x) <= 30 and torch.equal(st.x, x[::4]) and torch.allclose(st.x_mean, x.abs().mean(0))
+    # memory holds the sample only, not every batch it was drawn from
+    assert sum(t.untyped_storage().nbytes() for t in st.xs) == st.x.numel() * 4

@@ -72,6 +72,16 @@ def test_gptq_in_bf16_returns_bf16():
     assert Q.dtype == torch.bfloat16 and torch.isfinite(Q.float()).all()
 
 
+@pytest.mark.parametrize("order", [{}, dict(act_order=True)])
+def test_stacked_rows_equal_separate_solves(order):
+    """The method quantizes the linears that share a Hessian (q/k/v, gate/up) as one stacked matrix."""
+    H, W2 = hessian(X_CAL), torch.randn(64, 256, generator=GEN) * 0.05
+    (Qa, a), (Qb, b) = (gptq_quantize(w, H, 3, False, 128, **order) for w in (W, W2))
+    Q, info = gptq_quantize(torch.cat([W, W2]), H, 3, False, 128, **order)
+    torch.testing.assert_close(Q, torch.cat([Qa, Qb]), rtol=0, atol=1e-6)
+    assert info["loss"] == pytest.approx(a["loss"] + b["loss"], rel=1e-5)
+
+
 # --- Hessian ------------------------------------------------------------------------------------
 
 def test_hessian_weights():

@@ -42,8 +42,8 @@ class TokenStats:
         self.abs_sum += w @ x.abs()
         self.w_sum += w.sum().item()
         first = (-self.seen) % self.stride  # global indices that are multiples of stride
-        self.xs.append(x[first::self.stride])
-        self.ws.append(w[first::self.stride])
+        self.xs.append(x[first::self.stride].clone())  # a copy: a strided view would keep all of x alive
+        self.ws.append(w[first::self.stride].clone())
         self.seen += len(x)
 
     @property

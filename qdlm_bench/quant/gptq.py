@@ -99,10 +99,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool, group_
             w, d = W1[:, i], Hinv1[i, i]
             q = dequantize(quantize(w[:, None], scale, zero, bits, sym), scale, zero)[:, 0]
             Q[:, col] = q
-            loss += ((w - q) ** 2).sum() / d**2 / 2
             err = (w - q) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
+        loss += (Err1**2).sum() / 2  # the reference's sum of (w - q)^2 / d^2 / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if act_order:
