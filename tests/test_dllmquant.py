@@ -190,7 +190,7 @@ def config(*overrides: str) -> dict:
 
 
 @pytest.mark.parametrize("model", ["tiny_random_llada", "tiny_random_dream"])
-@pytest.mark.parametrize("base", ["gptq", "awq"])
+@pytest.mark.parametrize("base", ["gptq", "awq", "quarot"])
 def test_end_to_end(model, base, tmp_path):
     cfg = config(f"model={model}", f"method.base={base}", "method.base_opts={n_grid: 2, clip: false}")
     record = pipeline.run(cfg, store_root=tmp_path)
