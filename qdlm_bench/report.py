@@ -43,7 +43,7 @@ from qdlm_bench.store import ResultStore, spec_key
 from qdlm_bench.tracking import MODES, WandbLogger
 
 META = ("key", "baseline_key", "setting", "setting_text", "spec_tasks", "model", "method", "bits",
-        "sweep", "status", "error", "created")
+        "sweep", "status", "error", "created", "quant_setup")
 STDERR, METRIC = ":stderr", ":metric"  # suffixes of a task's stderr / metric-name columns
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 CATEGORIES = {
@@ -111,6 +111,22 @@ def _setting_text(setting: dict) -> str:
             f"dtype {setting['dtype']}; seed {setting['seed']}")
 
 
+def _flat(tree, prefix: str = "") -> dict[str, str]:
+    """``{"calib.masking": "random", ...}``: the leaves of nested dicts (strings as they are, other
+    values as JSON)."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree if isinstance(tree, str) else json.dumps(tree, sort_keys=True)}
+    if not tree:
+        return {prefix.rstrip("."): "{}"}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def _differences(setups: list[dict]) -> str:
+    """``calib.masking: none | random`` for the leaves whose values differ between ``setups``."""
+    keys = sorted({k for s in setups for k in s if len({s.get(k) for s in setups}) > 1})
+    return "; ".join(f"{k}: {' | '.join(s.get(k, '—') for s in setups)}" for k in keys) or "no difference"
+
+
 def records_frame(records: Iterable[dict]) -> pd.DataFrame:
     """One row per record: META columns, then per task `<task>` (primary metric value),
     `<task>:stderr` and `<task>:metric` (the metric's name). FP records get bits "fp"."""
@@ -119,7 +135,8 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
         row = {field: record.get(field) for field in META}
         setting = _setting(record.get("spec") or {})
         row.update(setting=spec_key(setting), setting_text=_setting_text(setting),
-                   spec_tasks=tuple(setting["tasks"] or ()), error=error_summary(record.get("error")))
+                   spec_tasks=tuple(setting["tasks"] or ()), error=error_summary(record.get("error")),
+                   quant_setup=_flat({k: (record.get("spec") or {}).get(k) for k in ("method", "calib", "quant")}))
         if row["method"] == "fp":
             row["bits"] = "fp"
         for task, result in (record.get("metrics") or {}).items():
@@ -229,8 +246,9 @@ def study_table(rows: pd.DataFrame, expected: Iterable[tuple[str, str]] = ()) ->
     for status, what in ((MISSING_RUN, "missing runs (no record)"), ("failed", "failed runs")):
         if hit := [lbl for lbl, s in zip(labels, rows["status"]) if s == status]:
             notes.append(f"{what}: {'; '.join(hit)}")
-    if repeated := [lbl for lbl, n in Counter(labels).items() if n > 1]:
-        notes.append(f"several records (differing method/calib/quant settings) for: {'; '.join(repeated)}")
+    for label in [lbl for lbl, n in Counter(labels).items() if n > 1]:
+        setups = [rows["quant_setup"].iat[i] for i, lbl in enumerate(labels) if lbl == label]
+        notes.append(f"several records for {label}, in row order: {_differences(setups)}")
     table.attrs = {
         "model": first["model"], "title": first["model"], "name": slug(first["model"]), "stem": stem,
         "variant": variant, "setting": first["setting"], "key": first["baseline_key"], "notes": notes,

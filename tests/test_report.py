@@ -246,3 +246,15 @@ def test_main_writes_tables_findings_and_figures(tmp_path, capsys):
     check_tabular((out / "m2.tex").read_text())
     assert not (out / "m2.csv").exists()
     assert report.main(["--store", str(results.root), "--bits", "w2a16"]) == 1
+
+
+def test_repeated_runs_are_told_apart_by_their_settings():
+    records = [make_record("m1", "fp", None, {"arc_easy": 0.8, "gsm8k": 0.6})]
+    for masking, n in (("none", 32), ("random", 32), ("random", 64)):
+        rec = make_record("m1", "gptq", "w4a16g128", {"arc_easy": 0.7, "gsm8k": 0.5})
+        rec["spec"]["calib"] = {"masking": masking, "n_samples": n, "seed": 0}
+        records.append(rec)
+    [table] = tables_of(records).values()
+    [note] = [n for n in table.attrs["notes"] if n.startswith("several records")]
+    assert note == ("several records for gptq w4a16g128, in row order: "
+                    "calib.masking: none | random | random; calib.n_samples: 32 | 32 | 64")
