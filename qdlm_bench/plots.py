@@ -92,20 +92,29 @@ def drop_chart(table: pd.DataFrame, stem: Path) -> list[Path]:
     rows = rows.dropna(subset=["drop"])
     if rows.empty:
         return []
+    rows = rows.drop_duplicates(["bits", "method"], keep="last")
     bits = list(dict.fromkeys(rows["bits"]))
     methods = list(dict.fromkeys(rows["method"]))
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(bits) * max(1, len(methods) / 2)), 3.2))
-    for k, method in enumerate(methods):
-        mine = rows[rows["method"] == method].drop_duplicates("bits", keep="last").set_index("bits")["drop"]
-        xs = [i for i, b in enumerate(bits) if b in mine.index]
-        ax.bar([x + (k - (len(methods) - 1) / 2) * width for x in xs], [mine[bits[x]] for x in xs],
-               width, label=method)
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    # one bar per (bits, method) that ran, grouped by bits with a gap between groups
+    x, ticks = 0, []
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * (len(rows) + len(bits)) + 2.5), 3.4))
+    for b in bits:
+        group = rows[rows["bits"] == b]
+        ticks.append(x + (len(group) - 1) / 2)
+        for method, drop in zip(group["method"], group["drop"]):
+            k = methods.index(method)
+            ax.bar(x, drop, 0.85, color=colours(k % colours.N), label=method)
+            x += 1
+        if b != bits[-1]:
+            ax.axvline(x, color="0.85", linewidth=0.8)
+        x += 1
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(bits)), bits)
+    ax.set_xticks(ticks, bits)
     ax.set_ylabel("drop % vs FP (positive = worse)")
     ax.set_title(table.attrs.get("title", ""))
-    ax.legend(fontsize=8)
+    handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per method
+    ax.legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save(fig, stem)
