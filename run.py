@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qdlm_bench import pipeline
 from qdlm_bench.runspec import ConfigError
+from qdlm_bench.sweep_report import JOB_RECORD
 
 log = logging.getLogger("qdlm_bench")
 
@@ -36,6 +38,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         log.error("invalid configuration: %s", err)
         sys.exit(2)
+    Path(HydraConfig.get().runtime.output_dir, JOB_RECORD).write_text(record["key"])  # for the sweep report
     summary = ", ".join(f"{task} {m['metric']}={m['value']:.4f}" for task, m in record["metrics"].items())
     log.info("%s | %s | %s | %s", record["model"], record["method"], record["bits"], summary or record["status"])
 

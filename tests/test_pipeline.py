@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,13 @@ def test_sweep_writes_one_record_per_run_and_prints_the_table(tmp_path):
     assert all(r["status"] == "done" and r["sweep"] == "t" for r in records)
     assert len({r["baseline_key"] for r in records}) == 1 and len({r["dtype"] for r in records}) == 1
     assert "| w8a8" in out.stdout and "drop %" in out.stdout
+    # a later sweep reports the runs it found done (rtn w4a16, stamped "t") next to its new one
+    cmd = [*cmd[:3], "method=rtn", "bits=w4a16,w8a16", *cmd[5:-2], "sweep=t2", f"hydra.sweep.dir={tmp_path / 'm2'}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = re.findall(r"^\| (\w+) +\| (\w+) +\| done", out.stdout, re.M)  # the report table's rows
+    assert len(ResultStore(tmp_path).records()) == 4
+    assert sorted(rows) == [("fp", "fp"), ("w4a16", "rtn"), ("w8a16", "rtn")]
 
 
 def test_rerun_skips_finished_runs_unless_forced(tmp_path, monkeypatch):
