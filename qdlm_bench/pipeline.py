@@ -7,7 +7,7 @@ import time
 import traceback
 from contextlib import contextmanager
 
-import methods
+from qdlm_bench import methods
 from qdlm_bench import calibration, evaluation, runspec, tracking
 from qdlm_bench.models.factory import load_fp_model
 from qdlm_bench.store import ResultStore, new_record, spec_key

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import methods
+from qdlm_bench import methods
 from qdlm_bench import evaluation
 from qdlm_bench.calibration import CalibConfig
 from qdlm_bench.quant import QuantSpec, QuantSpecError

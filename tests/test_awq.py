@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import methods
-from methods.awq import scale_block
+from qdlm_bench import methods
+from qdlm_bench.methods.awq import scale_block
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.quant import QuantSpec, fake_quant, linear_layers, quantized_layer_names
 from qdlm_bench.quant.awq import TokenStats, fold_scales, quantize_clipped, search_clip, search_scale

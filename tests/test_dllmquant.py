@@ -10,17 +10,17 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import methods
-import methods.awq
-import methods.gptq
-from methods.dllmquant import _options
+from qdlm_bench import methods
+import qdlm_bench.methods.awq
+import qdlm_bench.methods.gptq
+from qdlm_bench.methods.dllmquant import _options
 from qdlm_bench import pipeline, runspec
 from qdlm_bench.calibration import CalibSet, confidences
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.transformer import apply_rope
 from qdlm_bench.quant import QuantSpec, fake_quant
-from qdlm_bench.quant.cgq import CGQConfig, token_weights
-from qdlm_bench.quant.iaaq import IAAQConfig, VQuantizer, calibrate, head_losses
+from qdlm_bench.methods.dllmquant.cgq import CGQConfig, token_weights
+from qdlm_bench.methods.dllmquant.iaaq import IAAQConfig, VQuantizer, calibrate, head_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = torch.Generator().manual_seed(0)
@@ -171,7 +171,7 @@ def test_option_errors():
 def test_iaaq_only_where_v_is_quantized(caplog):
     model = random_model("tiny-llada").eval()
     cfg = {"base": "awq", "tmas": False, "cgq": True, "batch_size": 4, "base_opts": {"n_grid": 2, "clip": False}}
-    with caplog.at_level(logging.INFO, logger="methods.dllmquant"):
+    with caplog.at_level(logging.INFO, logger="qdlm_bench.methods.dllmquant"):
         info = methods.get("dllmquant")(model, QuantSpec.parse("w4a16g64"), calib_set(), cfg)
     assert "IA-AQ skipped" in caplog.text and "iaaq_mean_alpha" not in info
     assert all(isinstance(b.v_quant, torch.nn.Identity) for b in model.blocks)

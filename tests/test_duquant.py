@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_smoothquant import CALIB, with_outliers
 
-import methods
-from methods.duquant import transform_block
+from qdlm_bench import methods
+from qdlm_bench.methods.duquant import transform_block
 from qdlm_bench.quant import QuantSpec, fake_quant, quantized_layer_names
 from qdlm_bench.quant.duquant import (OutlierStats, fit_transform, greedy_rotation,
                                       spreading_rotation, zigzag_permutation)

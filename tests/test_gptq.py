@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import methods
+from qdlm_bench import methods
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.quant import QuantSpec, fake_quant, linear_layers, quantized_layer_names
 from qdlm_bench.quant.gptq import Hessian, gptq_quantize

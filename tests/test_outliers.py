@@ -4,7 +4,7 @@ import statistics
 import pytest
 import torch
 
-import methods
+from qdlm_bench import methods
 from qdlm_bench import outliers
 from qdlm_bench.models import DLLMConfig, DiffusionLM
 from qdlm_bench.quant import QuantSpec

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import methods
+from qdlm_bench import methods
 from qdlm_bench.models import LINEAR_NAMES, DiffusionLM, DLLMConfig
 from qdlm_bench.quant import (ActQuantizer, QuantLinear, QuantSpec, fake_quant, int_codes, qrange,
                               quantized_layer_names, wrap_activations)

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import methods
-from methods.gptq import InputHessian
+from qdlm_bench import methods
+from qdlm_bench.methods.gptq import InputHessian
 from qdlm_bench.bench import forward
 from qdlm_bench.models import DLLMConfig
 from qdlm_bench.models.presets import random_model

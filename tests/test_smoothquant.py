@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import methods
+from qdlm_bench import methods
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.quant import QuantSpec, quantized_layer_names
 from qdlm_bench.quant.smooth import ChannelMax, smooth_block, smooth_scales

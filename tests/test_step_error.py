@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import methods
+from qdlm_bench import methods
 from qdlm_bench import step_error
 from qdlm_bench.diffusion import GenerationConfig
 from qdlm_bench.models import DLLMConfig, DiffusionLM

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qdlm_bench import tmas
+from qdlm_bench.methods.dllmquant import tmas
 from qdlm_bench.calibration import CalibSet
 from qdlm_bench.diffusion import GenerationConfig, generate
 from qdlm_bench.models.presets import random_model

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from methods.quarot import quantize as quarot
+from qdlm_bench.methods.quarot import quantize as quarot
 from qdlm_bench.quant import QuantSpec
 
 from .common import bench_model, device_peak, forward_flops, parse_args, sync

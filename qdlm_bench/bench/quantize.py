@@ -17,7 +17,7 @@ import time
 
 import torch
 
-import methods
+from qdlm_bench import methods
 from qdlm_bench.calibration import CalibSet
 from qdlm_bench.quant import QuantSpec
 from qdlm_bench.quant.walk import Batches, block_inputs, run_block

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .quantizer import fake_quant
-from .walk import Batches, block_inputs, run_block
+from qdlm_bench.quant.quantizer import fake_quant
+from qdlm_bench.quant.walk import Batches, block_inputs, run_block
 
 
 @dataclasses.dataclass(frozen=True)

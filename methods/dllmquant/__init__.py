@@ -23,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from qdlm_bench import tmas
+from . import cgq, iaaq, tmas
 from qdlm_bench.calibration import CalibSet, confidences
-from qdlm_bench.quant import QuantSpec, cgq, iaaq
+from qdlm_bench.quant import QuantSpec
 
-from . import get, register
+from .. import get, register
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Hydra configs, installed as package data (``qdlm_bench.conf``)."""

@@ -1,0 +1,1 @@
+"""Task YAMLs and their helpers, installed as package data (``qdlm_bench.tasks``)."""
