@@ -1,0 +1,42 @@
+"""Lazy imports, so that the configuration check and the method registry never load torch (2-5 s on a
+2-core CPU): a bad option fails in well under 3 s, and torch loads on first use.
+
+``lazy_import("torch")`` returns a module that loads on its first attribute access (the standard
+library's ``importlib.util.LazyLoader``); ``lazy_exports`` gives a package a module ``__getattr__``
+(PEP 562) that imports each re-exported name's submodule when the name is first read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+
+def lazy_import(name: str) -> ModuleType:
+    """``name``, imported now if it already is, else on its first attribute access."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], object]:
+    """A module ``__getattr__`` for ``package``: ``exports`` maps a name to the submodule (relative,
+    e.g. ``".quantizer"``) that defines it."""
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name], package), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
