@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from qdlm_bench.diffusion import _forbid_mask, _pad
+from qdlm_bench.diffusion import forbid_mask as _forbid_mask, pad_rows as _pad
 from qdlm_bench.zoo.corpus import calibration_text
 
 log = logging.getLogger(__name__)

@@ -12,57 +12,26 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-LLADA_REMASKING = ("low_confidence", "random")
-DREAM_ALGS = ("entropy", "maskgit_plus", "topk_margin", "origin")
-
-
-@dataclass
-class GenerationConfig:
-    """Sampler settings; ``sampler=None`` picks the model family's sampler."""
-
-    gen_length: int = 256
-    steps: int = 256
-    block_length: int = 32
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
-    cfg_scale: float = 0.0
-    alg: str = "entropy"
-    alg_temp: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    eps: float = 1e-3
-    sampler: str | None = None
-
-    def __post_init__(self):
-        for name in ("gen_length", "steps", "block_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0 or self.alg_temp < 0 or self.cfg_scale < 0:
-            raise ValueError("temperature, alg_temp and cfg_scale must be >= 0")
-        if self.remasking not in LLADA_REMASKING:
-            raise ValueError(f"remasking {self.remasking!r} not in {LLADA_REMASKING}")
-        if self.alg not in DREAM_ALGS:
-            raise ValueError(f"alg {self.alg!r} not in {DREAM_ALGS}")
-        if self.sampler not in (None, "llada", "dream"):
-            raise ValueError(f"sampler {self.sampler!r} must be 'llada', 'dream' or None")
+from qdlm_bench.generation import GenerationConfig
 
 
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _pad_id(model) -> int:
+def pad_token_id(model) -> int:
+    """The id that pads ``model``'s batches: its pad token, else its EOS token, else 0."""
     cfg = model.config
     return next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
 
 
-def _pad(rows: list[torch.Tensor], value, left: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack 1-D tensors padded to one length; also the attention mask (None if no padding)."""
+def pad_rows(rows: list[torch.Tensor], value, left: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack 1-D tensors padded with ``value`` to one length (on the left if ``left``); also the
+    attention mask (None if no padding)."""
     n = max(len(r) for r in rows)
     out = torch.full((len(rows), n), value, dtype=rows[0].dtype)
     attn = torch.zeros(len(rows), n, dtype=torch.long)
@@ -83,7 +52,7 @@ def _gumbel(shape, device, generator) -> torch.Tensor:
     return -torch.log(-torch.log(u.clamp_min(1e-20)))
 
 
-def _forbid_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+def forbid_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """Never predict the mask token itself (a broken or random model may prefer it)."""
     logits[..., mask_id] = -torch.inf
     return logits
@@ -93,7 +62,8 @@ def _no_step(step: int, x: torch.Tensor) -> None:
     """The default ``on_step`` of ``generate``."""
 
 
-def _chunks(seq: list, size: int):
+def chunks(seq: list, size: int):
+    """Consecutive slices of ``seq`` of ``size`` items (the last may be shorter)."""
     return (seq[i : i + size] for i in range(0, len(seq), size))
 
 
@@ -131,7 +101,7 @@ def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
             bar.update()
             if not schedule[:, i].any():
                 continue
-            logits = _forbid_mask(_llada_logits(model, x, attn, prompt_cols, cfg.cfg_scale, cols), mask_id)
+            logits = forbid_mask(_llada_logits(model, x, attn, prompt_cols, cfg.cfg_scale, cols), mask_id)
             if cfg.temperature > 0:  # Gumbel-max in float64, exactly as LLaDA's add_gumbel_noise
                 u = torch.rand(logits.shape, device=x.device, generator=generator, dtype=torch.float64)
                 x0 = (logits.double().exp() / (-torch.log(u)) ** cfg.temperature).argmax(-1)
@@ -197,7 +167,7 @@ def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
         masked = gen == mask_id
         if not masked.any():
             continue
-        logits = _forbid_mask(model(x, attention_mask=attn, positions=slice(gen_start, None)), mask_id)
+        logits = forbid_mask(model(x, attention_mask=attn, positions=slice(gen_start, None)), mask_id)
         last = i == cfg.steps - 1
         ratio = 1 - timesteps[i + 1] / timesteps[i]
         if cfg.alg == "origin":  # each masked token moves with probability 1 - s/t
@@ -267,14 +237,14 @@ def generate(
     """
     sampler = cfg.sampler or model.config.family
     _check_generation(cfg, sampler, prompts)
-    device, mask_id, pad_id = model.device, model.config.mask_token_id, _pad_id(model)
+    device, mask_id, pad_id = model.device, model.config.mask_token_id, pad_token_id(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     n_batches = -(-len(prompts) // batch_size)
     with tqdm(total=n_batches * cfg.steps, disable=not progress, desc="generate") as bar:
-        for idx in _chunks(order, batch_size):
+        for idx in chunks(order, batch_size):
             rows = [torch.tensor(prompts[i] + [mask_id] * cfg.gen_length) for i in idx]
-            x, attn = _pad(rows, pad_id, left=True)
+            x, attn = pad_rows(rows, pad_id, left=True)
             x, attn = x.to(device), None if attn is None else attn.to(device)
             gen_start = x.shape[1] - cfg.gen_length
             _SAMPLERS[sampler](model, x, attn, gen_start, cfg, generator, bar, on_step or _no_step)
@@ -330,8 +300,8 @@ def _batched(it, n: int):
 def _elbo_losses(model, seqs: list[torch.Tensor], masks: list[torch.Tensor], n_targets) -> torch.Tensor:
     """Per row: sum of CE over masked positions / (masked fraction of the target)."""
     device = model.device
-    ids, attn = _pad(seqs, _pad_id(model), left=False)
-    is_mask, _ = _pad(masks, False, left=False)
+    ids, attn = pad_rows(seqs, pad_token_id(model), left=False)
+    is_mask, _ = pad_rows(masks, False, left=False)
     ids, is_mask = ids.to(device), is_mask.to(device)
     noisy = ids.masked_fill(is_mask, model.config.mask_token_id)
     logits = model(noisy, attention_mask=None if attn is None else attn.to(device))

@@ -31,7 +31,8 @@ import torch
 
 from qdlm_bench import calibration
 from qdlm_bench.calibration import CalibSet
-from qdlm_bench.diffusion import GenerationConfig, _chunks, _pad, _pad_id, generate
+from qdlm_bench.diffusion import GenerationConfig, generate
+from qdlm_bench.diffusion import chunks as _chunks, pad_rows as _pad, pad_token_id as _pad_id
 
 log = logging.getLogger(__name__)
 
