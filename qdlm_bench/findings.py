@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from qdlm_bench.report import AVG, DROP, bits_fields, relative_drop, variant_pairs
+from qdlm_bench.study import AVG, DROP, relative_drop, variant_pairs
 
 NEAR_LOSSLESS = 1.0  # % relative drop of avg
 HOLDS, FAILS, NO_DATA = "holds", "fails", "not enough data"
@@ -61,23 +61,28 @@ def _name(table: pd.DataFrame, row: pd.Series) -> str:
     return f"{table.attrs['title']} {row['method']} {row['bits']}"
 
 
+def _precision(table: pd.DataFrame, row: pd.Series) -> dict:
+    """The row's bit fields (``store.precision``)."""
+    return table.attrs["precision"][row["bits"]]
+
+
 def near_lossless(tables, key: str, claim: str, at: Callable[[dict], bool]) -> Finding:
-    """Runs whose bits satisfy ``at`` drop less than NEAR_LOSSLESS %."""
+    """Runs whose precision satisfies ``at`` drop less than NEAR_LOSSLESS %."""
     found = Finding(key, claim)
     for table in tables:
         for row in _runs(table):
             drop = _number(row[DROP])
-            if at(bits_fields(row["bits"])) and drop is not None:
+            if at(_precision(table, row)) and drop is not None:
                 found.checks.append((drop < NEAR_LOSSLESS, f"{_name(table, row)}: drop {drop:.2f}%"))
     return found
 
 
 def beats(tables, key: str, claim: str, winners: tuple[str, ...], loser: str,
-          at: Callable[[dict], bool] = lambda fields: True) -> Finding:
+          at: Callable[[dict], bool] = lambda precision: True) -> Finding:
     """Each of ``winners`` has a higher avg than ``loser`` in the same table at the same bits."""
     found = Finding(key, claim)
     for table in tables:
-        runs = {(r["method"], r["bits"]): _number(r[AVG]) for r in _runs(table) if at(bits_fields(r["bits"]))}
+        runs = {(r["method"], r["bits"]): _number(r[AVG]) for r in _runs(table) if at(_precision(table, r))}
         for (method, bits), value in runs.items():
             other = runs.get((loser, bits))
             if method in winners and value is not None and other is not None:
@@ -128,11 +133,11 @@ def check(tables: list[pd.DataFrame]) -> list[Finding]:
     """Every finding of the study, checked on report.study_tables(...)."""
     return [
         near_lossless(tables, "w4_weight_only_lossless", f"4-bit weight-only is near lossless (drop < {NEAR_LOSSLESS}%)",
-                      lambda f: f.get("w") == 4 and f.get("a") == 16),
+                      lambda p: p["w_bits"] == 4 and p["a_bits"] == 16),
         near_lossless(tables, "w8a8_lossless", f"W8A8 is near lossless (drop < {NEAR_LOSSLESS}%)",
-                      lambda f: f.get("w") == 8 and f.get("a") == 8),
+                      lambda p: p["w_bits"] == 8 and p["a_bits"] == 8),
         beats(tables, "rotation_beats_smoothquant", "at W4A4, rotation methods (QuaRot, DuQuant) beat SmoothQuant",
-              ROTATION, "smoothquant", lambda f: f.get("w") == 4 and f.get("a") == 4),
+              ROTATION, "smoothquant", lambda p: p["w_bits"] == 4 and p["a_bits"] == 4),
         beats(tables, "gptq_beats_awq", "GPTQ beats AWQ at the same bits", ("gptq",), "awq"),
         categories_drop_more(tables),
         instruct_drops_less(tables),

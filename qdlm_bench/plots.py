@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from qdlm_bench.study import DROP  # noqa: E402
+
 Lines = dict[str, tuple[list, list]]  # line label -> (x values, y values)
 
 
@@ -88,7 +90,7 @@ def surface(magnitude, stem: Path, *, title: str, max_tokens: int = 128, max_cha
 def drop_chart(table: pd.DataFrame, stem: Path) -> list[Path]:
     """Bars of drop % per bit setting (x) and method (colour) of a study table; none without drops."""
     rows = table[(table["method"] != "fp") & (table["status"] == "done")].copy()
-    rows["drop"] = pd.to_numeric(rows["drop %"], errors="coerce")
+    rows["drop"] = pd.to_numeric(rows[DROP], errors="coerce")
     rows = rows.dropna(subset=["drop"])
     if rows.empty:
         return []

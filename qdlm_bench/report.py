@@ -35,15 +35,17 @@ import sys
 from collections import Counter
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import pandas as pd
 
-from qdlm_bench.store import ResultStore, spec_key
+from qdlm_bench import findings
+from qdlm_bench.store import FP_PRECISION, ResultStore, spec_key
+from qdlm_bench.study import AVG, DROP, model_variant, relative_drop, variant_pairs
 from qdlm_bench.tracking import MODES, WandbLogger
 
 META = ("key", "baseline_key", "setting", "setting_text", "spec_tasks", "model", "method", "bits",
-        "sweep", "status", "error", "created", "quant_setup")
+        "precision", "sweep", "status", "error", "created", "quant_setup")
 STDERR, METRIC = ":stderr", ":metric"  # suffixes of a task's stderr / metric-name columns
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 CATEGORIES = {
@@ -52,7 +54,6 @@ CATEGORIES = {
     "Code": ("humaneval*", "mbpp*", "mini_code*"),
 }
 LABELS = ("bits", "method", "status")
-AVG, DROP = "avg", "drop %"
 FP_LABEL = ("fp", "fp")  # (method, bits) of the baseline; "fp" ignores bits
 MISSING_RUN = "missing"
 NO_FP = "n/a (no FP record)"
@@ -70,24 +71,6 @@ def lower_is_better(metric: str | None) -> bool:
 def category(task: str) -> str | None:
     """The category (QA, Math, Code) of a task name, None for any other task."""
     return next((cat for cat, patterns in CATEGORIES.items() if any(fnmatch(task, p) for p in patterns)), None)
-
-
-def bits_fields(bits: str | None) -> dict[str, int]:
-    """{"w": 4, "a": 16, "g": 128, ...} of a bit string (empty for fp)."""
-    return {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", str(bits).lower())}
-
-
-def relative_drop(value: float, fp: float, lower: bool = False) -> float:
-    """100 * relative degradation of ``value`` against ``fp`` (positive = worse); NaN if undefined."""
-    if pd.isna(value) or pd.isna(fp) or fp == 0:
-        return math.nan
-    return 100 * ((value - fp) if lower else (fp - value)) / fp
-
-
-def model_variant(model: str) -> tuple[str, str | None]:
-    """(stem, "base" | "instruct") of a model name ending -base / -instruct, else (name, None)."""
-    m = re.fullmatch(r"(.+?)[-_](base|instruct)", str(model), re.IGNORECASE)
-    return (m.group(1), m.group(2).lower()) if m else (str(model), None)
 
 
 def error_summary(error: str | None) -> str | None:
@@ -155,10 +138,10 @@ def task_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in META and not c.endswith((STDERR, METRIC))]
 
 
-def _bits_order(method: str, bits: str | None) -> tuple:
-    """FP first, then weight bits descending, then activation bits descending."""
-    fields = bits_fields(bits)
-    return (method != "fp", -fields.get("w", -math.inf), -fields.get("a", math.inf), str(bits), method)
+def _bits_order(method: str, bits: str | None, precision: dict) -> tuple:
+    """FP first, then weight bits descending, then activation bits descending (``precision``: the
+    record's, see ``store.precision``)."""
+    return (method != "fp", -precision["w_bits"], -precision["a_bits"], str(bits), method)
 
 
 def _tasks(rows: pd.DataFrame) -> dict[str, str | None]:
@@ -186,25 +169,28 @@ def _best_cells(table: pd.DataFrame, columns: list[str], lower: set[str]) -> set
     return best
 
 
-def study_table(rows: pd.DataFrame, expected: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
+def study_table(rows: pd.DataFrame, expected: Mapping[tuple[str, str], dict] | None = None) -> pd.DataFrame:
     """The study table of one model and baseline from its records (rows of records_frame).
 
-    ``expected`` (method, bits) labels that no record has become "missing" rows; so does the FP
-    record when absent. attrs: "model", "variant", "stem", "setting", "key" (baseline key),
-    "notes" (lines to print under the table), "metrics" ({task: metric name}), "decimals"
+    ``expected`` ({(method, bits): precision}) labels that no record has become "missing" rows; so
+    does the FP record when absent. attrs: "model", "variant", "stem", "setting", "key" (baseline
+    key), "notes" (lines to print under the table), "metrics" ({task: metric name}), "decimals"
     ({column: decimals}), "lower" (lower-is-better columns), "best" ({(row, column)}),
-    "categories" ({category: its tasks})."""
+    "categories" ({category: its tasks}), "precision" ({bits: the records' precision})."""
     if rows.empty:
         raise ValueError("no records to tabulate")
     if rows["model"].nunique() != 1 or rows["baseline_key"].nunique() != 1:
         raise ValueError(f"a study table holds one model and baseline, got models {sorted(rows['model'].unique())} "
                          f"and {rows['baseline_key'].nunique()} baselines")
     first = rows.iloc[0]
-    absent = sorted({FP_LABEL, *expected} - set(zip(rows["method"], rows["bits"])))
+    expected = {FP_LABEL: FP_PRECISION, **(expected or {})}
+    absent = sorted(set(expected) - set(zip(rows["method"], rows["bits"])))
     placeholders = pd.DataFrame({"method": [m for m, _ in absent], "bits": [b for _, b in absent],
+                                 "precision": [expected[label] for label in absent],
                                  "status": MISSING_RUN, "created": ""})
     rows = pd.concat([rows, placeholders], ignore_index=True) if absent else rows
-    order = sorted(range(len(rows)), key=lambda i: (_bits_order(rows["method"].iat[i], rows["bits"].iat[i]),
+    order = sorted(range(len(rows)), key=lambda i: (_bits_order(rows["method"].iat[i], rows["bits"].iat[i],
+                                                                rows["precision"].iat[i]),
                                                     str(rows["created"].iat[i])))
     rows = rows.iloc[order].reset_index(drop=True)
 
@@ -256,7 +242,7 @@ def study_table(rows: pd.DataFrame, expected: Iterable[tuple[str, str]] = ()) ->
         "decimals": {**{t: 1 if percent[t] else 2 for t in tasks},
                      **{c: 1 if all(percent[t] for t in ts) else 2 for c, ts in categories.items()},
                      AVG: 1 if all(percent[t] for t in avg_tasks) else 2, DROP: 1},
-        "best": best,
+        "best": best, "precision": dict(zip(rows["bits"], rows["precision"])),
     }
     return table
 
@@ -274,20 +260,14 @@ def study_tables(frame: pd.DataFrame) -> list[pd.DataFrame]:
     """The study table of every model and baseline in ``frame`` (by model name, then age). Each
     table's rows are the (method, bits) of every table of the same setting: absent = missing."""
     frame = frame[frame["model"].notna()]
-    expected: dict[str, set] = {}
-    for setting, method, bits in zip(frame["setting"], frame["method"], frame["bits"]):
-        expected.setdefault(setting, set()).add((method, bits))
+    expected: dict[str, dict] = {}
+    for setting, method, bits, precision in zip(frame["setting"], frame["method"], frame["bits"],
+                                                frame["precision"]):
+        expected.setdefault(setting, {})[(method, bits)] = precision
     groups = sorted(frame.groupby(["model", "baseline_key"], sort=False),
                     key=lambda g: (g[0][0], str(g[1]["created"].min())))
     tables = [study_table(rows.reset_index(drop=True), expected[rows["setting"].iat[0]]) for _, rows in groups]
     return _name_tables(tables, [t.attrs["model"] for t in tables])
-
-
-def variant_pairs(tables: list[pd.DataFrame]) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
-    """(base, instruct) study tables of one model stem evaluated in one setting."""
-    by = {(t.attrs["stem"], t.attrs["setting"], t.attrs["variant"]): t for t in tables}
-    return [(table, by[(stem, setting, "instruct")]) for (stem, setting, variant), table in by.items()
-            if variant == "base" and (stem, setting, "instruct") in by]
 
 
 def side_by_side(base: pd.DataFrame, instruct: pd.DataFrame) -> pd.DataFrame:
@@ -302,8 +282,9 @@ def side_by_side(base: pd.DataFrame, instruct: pd.DataFrame) -> pd.DataFrame:
         part["nth"] = part.groupby(["bits", "method"]).cumcount()
         keyed.append(part)
     merged = keyed[0].merge(keyed[1], on=["bits", "method", "nth"], how="outer")
-    merged = merged.iloc[sorted(range(len(merged)), key=lambda i: _bits_order(merged["method"].iat[i],
-                                                                             merged["bits"].iat[i]))]
+    precision = {**base.attrs["precision"], **instruct.attrs["precision"]}
+    merged = merged.iloc[sorted(range(len(merged)), key=lambda i: _bits_order(
+        merged["method"].iat[i], merged["bits"].iat[i], precision[merged["bits"].iat[i]]))]
     merged = merged.drop(columns="nth").reset_index(drop=True)
     decimals = {f"{c} ({v})": d for v, t in (("base", base), ("instruct", instruct))
                 for c, d in t.attrs["decimals"].items()}
@@ -392,8 +373,6 @@ def with_baselines(records: list[dict], store: ResultStore) -> list[dict]:
 
 def render(tables: list[pd.DataFrame], found: list) -> str:
     """The whole report as markdown: every table under its title, then the findings."""
-    from qdlm_bench import findings  # it imports this module
-
     parts = [f"## {t.attrs['title']}\n\n{to_markdown(t)}\n" for t in tables]
     return "\n".join(parts + [findings.to_markdown(found)])
 
@@ -402,7 +381,7 @@ def make_report(records: list[dict], out: Path, formats: Iterable[str] = tuple(F
                 logger: WandbLogger | None = None) -> list[Path]:
     """Print the report of ``records`` and write it to ``out``; log it to wandb through
     ``logger`` when given. Returns the files written."""
-    from qdlm_bench import findings, plots  # findings imports this module; plots imports matplotlib
+    from qdlm_bench import plots  # it imports matplotlib
 
     tables = study_tables(records_frame(records))
     pairs = side_by_side_tables(tables)

@@ -2,8 +2,9 @@
 
 A record's ``key`` hashes its whole ``spec``; its ``baseline_key`` hashes only the fields an FP
 run shares with every quantized run of the same study (model, tasks, eval, dtype, seed), so
-tables find the FP baseline of any record. Writes are atomic: a reader sees the old file or the
-new one, never a partial one.
+tables find the FP baseline of any record. Its ``precision`` holds the fields of its bit string as
+``QuantSpec.parse`` reads them, so reports never parse bits; a record older than that field gets it
+when read. Writes are atomic: a reader sees the old file or the new one, never a partial one.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from qdlm_bench import __version__
+from qdlm_bench.quant.spec import QuantSpec, QuantSpecError
 
 BASELINE_FIELDS = ("model", "tasks", "eval", "dtype", "seed")
-_DERIVED = ("key", "baseline_key", "spec")  # new_record computes these; callers cannot set them
+PRECISION_FIELDS = ("w_bits", "a_bits", "group_size", "w_sym", "kv_bits")
+_DERIVED = ("key", "baseline_key", "spec", "precision")  # new_record computes these; callers cannot set them
 RECORD_DEFAULTS: dict[str, Any] = {
     "sweep": None, "status": "done", "error": None, "metrics": {}, "timings": {}, "device": None,
 }
@@ -55,6 +58,18 @@ def _name(section: Any) -> Any:
     """The name of a spec section: {"name": ...} dicts give their ``label`` (a variant's name in
     tables, e.g. an ablation rung) or else their name; plain values themselves."""
     return (section.get("label") or section.get("name")) if isinstance(section, dict) else section
+
+
+def precision(spec: dict) -> dict:
+    """The bit fields (PRECISION_FIELDS) of ``QuantSpec.parse`` of the spec's bits; ``group_size``
+    None = per output channel. An FP run (method "fp", or no bits) gets QuantSpec's full precision:
+    w_bits = a_bits = kv_bits = 16, group_size None, w_sym False."""
+    bits = (spec.get("quant") or {}).get("bits")
+    quant = QuantSpec.parse("fp" if bits is None or _name(spec.get("method")) == "fp" else bits)
+    return {f: getattr(quant, f) for f in PRECISION_FIELDS}
+
+
+FP_PRECISION = precision({})
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,7 +104,7 @@ def new_record(spec: dict, **fields: Any) -> dict:
     record = {
         "key": spec_key(spec), "baseline_key": baseline_key(spec), "spec": spec,
         "model": _name(spec.get("model")), "method": _name(spec.get("method")),
-        "bits": (spec.get("quant") or {}).get("bits"),
+        "bits": (spec.get("quant") or {}).get("bits"), "precision": precision(spec),
         **RECORD_DEFAULTS,
         "dtype": spec.get("dtype"), "seed": spec.get("seed"),
         "versions": collect_versions(),
@@ -111,7 +126,8 @@ class ResultStore:
         return self.root / f"{key}.json"
 
     def _read(self, path: Path) -> dict | None:
-        """The record at `path`; None (with a warning) if it is unreadable or not a record."""
+        """The record at `path`, with its ``precision`` filled in when it predates that field;
+        None (with a warning) if it is unreadable or not a record."""
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -120,6 +136,12 @@ class ResultStore:
         if not isinstance(record, dict) or "key" not in record or "spec" not in record:
             warnings.warn(f"skipping {path}: not a result record", stacklevel=3)
             return None
+        if "precision" not in record:
+            try:
+                record["precision"] = precision(record["spec"])
+            except QuantSpecError as exc:
+                warnings.warn(f"skipping {path}: {exc}", stacklevel=3)
+                return None
         return record
 
     def get(self, key: str) -> dict | None:
