@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from qdlm_bench.code_exec import run_programs
 from qdlm_bench.models.checkpoint import load_model
-from qdlm_bench.zoo import corpus, tasks
+from qdlm_bench.zoo import corpus, realtext, tasks
 from qdlm_bench.zoo.tokenizer import SPECIAL, save_tokenizer, train_tokenizer
 from qdlm_bench.zoo.train import RECIPES, diffusion_loss, lr_at
 from qdlm_bench.zoo.train import main as train_main
@@ -125,18 +125,18 @@ def test_mini_code_canonical_solutions_pass_and_wrong_ones_fail():
 
 
 def test_mini_ppl_is_held_out_real_text():
-    if platform.python_version() != corpus.PPL_PYTHON:
-        pytest.skip(f"mini_ppl holds Python {corpus.PPL_PYTHON}'s stdlib files; this is {platform.python_version()}")
-    held = corpus.heldout_files()
-    assert len(held) == corpus.PPL_DOCS
-    assert not set(held) & set(corpus.training_files())
-    assert set(held) | set(corpus.training_files()) == set(corpus.stdlib_files())
+    if platform.python_version() != realtext.PPL_PYTHON:
+        pytest.skip(f"mini_ppl holds Python {realtext.PPL_PYTHON}'s stdlib files; this is {platform.python_version()}")
+    held = realtext.heldout_files()
+    assert len(held) == realtext.PPL_DOCS
+    assert not set(held) & set(realtext.training_files())
+    assert set(held) | set(realtext.training_files()) == set(realtext.stdlib_files())
     texts = [r["text"] for r in rows("mini_ppl")]
-    assert texts[-corpus.PPL_DOCS:] == [p.read_text() for p in held]
-    if not (DATA / corpus.SHAKESPEARE).is_file():
-        pytest.skip(f"{DATA / corpus.SHAKESPEARE} absent: cannot check the tinyshakespeare split")
-    train_part, docs = corpus._shakespeare(DATA)
-    assert texts[:corpus.PPL_DOCS] == docs
+    assert texts[-realtext.PPL_DOCS:] == [p.read_text() for p in held]
+    if not (DATA / realtext.SHAKESPEARE).is_file():
+        pytest.skip(f"{DATA / realtext.SHAKESPEARE} absent: cannot check the tinyshakespeare split")
+    train_part, docs = realtext.shakespeare_split(DATA)
+    assert texts[:realtext.PPL_DOCS] == docs
     assert not any(d[:200] in train_part for d in docs)
 
 

@@ -8,7 +8,7 @@ QA facts themselves are stated in the training text (an encyclopedia of a fictio
 only questions about held-out facts are held out.
 
 ``python -m qdlm_bench.zoo.tasks --out tasks/mini --data-dir ../shared/data`` writes the
-mini-task data files (mini_ppl needs the held-out real text of ``corpus.heldout_docs``).
+mini-task data files (mini_ppl needs the held-out real text of ``realtext.heldout_docs``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import hashlib
 import json
 import random
 from pathlib import Path
+
+from .realtext import heldout_docs
 
 HOLDOUT = 5
 SKILLS = ("math", "code", "qa")
@@ -384,8 +386,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_mini_tasks(folder: Path, data_dir: Path | None) -> dict[str, int]:
     """Write mini_{qa,math,code,ppl}.jsonl and the training splits mini_{qa,math,code}_train.jsonl
     into ``folder``; returns the row counts."""
-    from .corpus import heldout_docs
-
     files = {f"mini_{s}": task_rows(s) for s in SKILLS} | {f"mini_{s}_train": task_rows(s, "train") for s in SKILLS}
     files["mini_ppl"] = [{"text": d} for d in heldout_docs(data_dir)]
     for name, rows in files.items():
