@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from qdlm_bench import calibration
+from qdlm_bench.calibration import sets
 from qdlm_bench.calibration import (CalibConfig, CalibSet, build, cache_key, confidences, resolve_source, source_texts,
                                     task_prompts)
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.tokenizer import byte_tokenizer
+from qdlm_bench.paths import ZOO_DIR
 
 TOK = byte_tokenizer()
 MASK = TOK.mask_token_id
@@ -78,7 +80,7 @@ def test_cache_hit_identical_without_retokenizing(text_file, tmp_path, monkeypat
     first = make(text_file, cache, masking="random")
     assert len(list(cache.glob("*.pt"))) == 1
     calls = []
-    monkeypatch.setattr(calibration, "_tokenize", lambda *a: calls.append(a) or pytest.fail("re-tokenized"))
+    monkeypatch.setattr(sets, "_tokenize", lambda *a: calls.append(a) or pytest.fail("re-tokenized"))
     with caplog.at_level(logging.INFO, logger="qdlm_bench.calibration"):
         second = make(text_file, cache, masking="random")
     assert not calls and "cached" in caplog.text
@@ -119,7 +121,7 @@ def test_jsonl_source(tmp_path):
 
 def test_mini_ppl_source_with_tiny_tokenizer():
     from qdlm_bench.models.checkpoint import load_tokenizer
-    tok = load_tokenizer(calibration.PROJECT_DIR / "qdlm_bench" / "zoo" / "models" / "tiny-llada-instruct")
+    tok = load_tokenizer(ZOO_DIR / "tiny-llada-instruct")
     calib = build({"source": "mini_ppl", "n_samples": 32, "seqlen": 256}, tok, 1, cache_dir=None)
     assert calib.input_ids.shape == (32, 256) and int(calib.input_ids.max()) < len(tok)
 
@@ -193,7 +195,7 @@ def test_prompts_random_masking_spares_padding():
 
 def test_prompts_with_chat_template():
     from qdlm_bench.models.checkpoint import load_tokenizer
-    tok = load_tokenizer(calibration.PROJECT_DIR / "qdlm_bench" / "zoo" / "models" / "tiny-llada-instruct")
+    tok = load_tokenizer(ZOO_DIR / "tiny-llada-instruct")
     cfg = {"source": "prompts:mini_math", "n_samples": 4, "seqlen": 512, "chat_template": True}
     calib = build(cfg, tok, 1, cache_dir=None)
     for row, a in zip(calib.input_ids, calib.attention_mask):
