@@ -1,30 +1,136 @@
 """AWQ (Lin et al., 2024): activation-aware scales folded into the preceding op, then clip search.
 
-Per block, on the FP block's inputs (the outputs of the already-quantized previous blocks):
-for each subset (attn_norm->q/k/v, v_proj->o_proj when shapes allow (no GQA), mlp_norm->gate/up,
-up_proj->down_proj) search ``s = mean|x|^alpha`` (``quant/awq.py``) on the FP weights, fold all
-scales, search per-group clip ratios on the scaled inputs (q/k skipped, as the reference), then
-fake-quantize every selected linear. Activations are wrapped (per-token dynamic) when a < 16.
+Follows the reference (mit-han-lab ``llm-awq``, ``auto_scale`` / ``auto_clip``). Per block, on the FP
+block's inputs (the outputs of the already-quantized previous blocks):
 
-cfg keys: ``n_grid`` (20), ``clip`` (True), ``max_tokens`` (4096), ``batch_size`` (8),
-``exclude`` (fnmatch patterns of layer names).
+* scale search: for each subset of linears sharing an input ``X`` (attn_norm->q/k/v, v_proj->o_proj
+  when shapes allow (no GQA), mlp_norm->gate/up, up_proj->down_proj), ``s = mean|X|^alpha``
+  normalized by ``sqrt(max(s) min(s))``, alpha on a grid of ``n_grid`` points in ``[0, 1)``,
+  searched on the FP weights; the loss is the subset's output error
+  ``sum_l ||Q(W_l diag(s)) (X / s) - W_l X||^2`` (alpha = 0 is RTN, and it is on the grid, so the
+  search never does worse than RTN on its own loss);
+* folding: every subset's scales are folded (``quant.fold_scales``: the feeder divided by ``s``, the
+  subset's weight columns multiplied by it; the FP function is unchanged);
+* clip search (q/k skipped, as the reference): per output channel group, shrink the quantization
+  range by ratios in ``[1, 1 - max_shrink]`` and keep the one minimizing that group's output
+  error on sampled tokens; then every target linear is fake-quantized.
+
+Every loss takes optional per-token weights ``[T]`` (padding masks, DLLMQuant's CGQ).
 """
 
+from __future__ import annotations
 
-from qdlm_bench.quant import QuantSpec, linear_layers, wrap_activations
-from qdlm_bench.quant.awq import TokenStats, fold_scales, quantize_clipped, search_clip, search_scale
-from qdlm_bench.quant.walk import FEEDERS, SUBSETS, walk_blocks
+import math
+from typing import Annotated
 
-from . import register
+from pydantic import Field
+
+from qdlm_bench import quant
+from qdlm_bench.lazy import lazy_import, no_grad
+
+from . import options, register
+
+torch = lazy_import("torch")
 
 NO_CLIP = ("q_proj", "k_proj")
 
 
-def scale_block(block, stats: dict, spec: QuantSpec, selected, n_grid: int = 20) -> dict:
+@options
+class AWQOptions:
+    """``conf/method/awq.yaml``."""
+
+    n_grid: Annotated[int, Field(ge=1)] = 20
+    clip: bool = True
+    max_tokens: Annotated[int, Field(ge=1)] = 4096
+    batch_size: Annotated[int, Field(ge=1)] = 8
+
+
+def _out_error(weights: list[torch.Tensor], deltas: list[torch.Tensor], x: torch.Tensor,
+               token_weight: torch.Tensor | None) -> float:
+    """``sum_l mean_t w_t ||D_l x_t||^2`` (weighted mean over tokens)."""
+    tw = torch.ones(len(x), device=x.device) if token_weight is None else token_weight.float()
+    tw = tw / tw.sum().clamp(min=1e-12)
+    return sum((tw @ (x @ d.T).pow(2)).sum().item() for d in deltas)
+
+
+@no_grad
+def search_scale(weights: list[torch.Tensor], x: torch.Tensor, x_mean: torch.Tensor, bits: int, sym: bool,
+                 group_size: int | None, n_grid: int = 20, token_weight: torch.Tensor | None = None):
+    """Best AWQ input scale for linears ``weights`` (each ``[out_l, d]``) reading ``x`` ``[T, d]``.
+
+    Returns ``(s [d] float32, info)`` with ``info = {"alpha", "loss", "losses"}``; ``losses[0]`` is
+    the alpha = 0 (RTN) loss, and ``loss == min(losses)``.
+    """
+    x = x.float()
+    ws = [w.float() for w in weights]
+    losses, best = [], (float("inf"), None, None)
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = x_mean.float().pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        deltas = [quant.fake_quant(w * s, bits, sym, group_size) / s - w for w in ws]
+        loss = _out_error(ws, deltas, x, token_weight)
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, alpha, s)
+    return best[2], {"alpha": best[1], "loss": best[0], "losses": losses}
+
+
+def _group_errors(w: torch.Tensor, q: torch.Tensor, xg: torch.Tensor, tw: torch.Tensor) -> torch.Tensor:
+    """Per ``[out, group]``: ``sum_t tw_t (sum_{j in group} (q - w)_j x_tj)^2`` with grouped
+    ``w``/``q`` ``[out, G, gs]`` and ``xg`` ``[T, G, gs]``."""
+    d = (q - w).transpose(0, 1)  # [G, out, gs]
+    out = torch.bmm(d, xg.permute(1, 2, 0))  # [G, out, T]
+    return (out.pow(2) @ tw).T  # [out, G]
+
+
+@no_grad
+def search_clip(W: torch.Tensor, x: torch.Tensor, bits: int, sym: bool, group_size: int | None,
+                n_grid: int = 20, max_shrink: float = 0.5, token_weight: torch.Tensor | None = None,
+                max_tokens: int = 512, oc_batch: int = 256):
+    """Per-group clip ratios for ``W`` ``[out, d]`` reading ``x`` ``[T, d]`` (``max_tokens`` of them,
+    evenly strided). Returns ``(ratios [out, n_groups, 1] for fake_quant's clip_ratio, info)`` with
+    ``info = {"loss": chosen summed per-group error, "loss_noclip": the same at ratio 1}``."""
+    stride = max(1, math.ceil(len(x) / max_tokens))
+    x = x[::stride].float()
+    tw = torch.ones(len(x), device=x.device) if token_weight is None else token_weight[::stride].float()
+    tw = tw / tw.sum().clamp(min=1e-12)
+    xg = quant.group(x, group_size)
+    wg_all = quant.group(W, group_size)
+    ratios_grid = torch.linspace(1.0, 1.0 - max_shrink, n_grid).tolist()
+    best_r, best_e, noclip = [], [], []
+    for o in range(0, W.shape[0], oc_batch):
+        wg = wg_all[o:o + oc_batch]
+        err_best = torch.full(wg.shape[:2], float("inf"), device=W.device)
+        r_best = torch.ones(wg.shape[:2], device=W.device)
+        for r in ratios_grid:  # fake_quant on grouped [out, G, gs] with group_size=None: per group
+            err = _group_errors(wg, quant.fake_quant(wg, bits, sym, None, r), xg, tw)
+            if r == 1.0:
+                noclip.append(err.sum())
+            better = err < err_best
+            err_best = torch.where(better, err, err_best)
+            r_best = torch.where(better, r, r_best)
+        best_r.append(r_best)
+        best_e.append(err_best.sum())
+    ratios = torch.cat(best_r).unsqueeze(-1)
+    return ratios, {"loss": sum(best_e).item(), "loss_noclip": sum(noclip).item()}
+
+
+def quantize_clipped(W: torch.Tensor, bits: int, sym: bool, group_size: int | None,
+                     ratios: torch.Tensor | None = None) -> torch.Tensor:
+    """``fake_quant`` with per-group clip ratios ``[out, n_groups, 1]`` (from ``search_clip``)."""
+    if ratios is None:
+        return quant.fake_quant(W, bits, sym, group_size)
+    g = quant.group(W, group_size)
+    return quant.ungroup(quant.fake_quant(g, bits, sym, None, ratios.unsqueeze(-1)), W.shape[-1]).to(W.dtype)
+
+
+@no_grad
+def scale_block(block, stats: dict, spec, selected, n_grid: int = 20) -> dict:
     """Search and fold the AWQ scales of every subset of ``block`` (``selected(name)``: linears that
     get quantized); scales the collected tokens by 1/s. Returns ``{feeder: alpha}``."""
     found = []
-    for names, feeder in zip(SUBSETS, FEEDERS):
+    for names, feeder in zip(quant.SUBSETS, quant.FEEDERS):
         lins = [getattr(block, n) for n in names]
         fd = getattr(block, feeder)
         if not any(selected(n) for n in names) or fd.weight.shape[0] != lins[0].in_features:
@@ -34,36 +140,34 @@ def scale_block(block, stats: dict, spec: QuantSpec, selected, n_grid: int = 20)
                                spec.w_bits, spec.w_sym, spec.group_size, n_grid, st.w)
         found.append((fd, lins, s, st, feeder, info["alpha"]))
     for fd, lins, s, st, _, _ in found:  # all searched on the FP block, as the reference
-        fold_scales(fd, lins, s)
+        quant.fold_scales(fd, lins, s)
         st.xs, st.ws = [st.x / s], [st.w]
     return {feeder: alpha for *_, feeder, alpha in found}
 
 
-@register("awq", needs_calibration=True)
-def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
-    exclude = cfg.get("exclude") or ()
-    selected = set(linear_layers(model, exclude))
-    n_grid, clip = cfg.get("n_grid", 20), cfg.get("clip", True)
-    total = calib.input_ids.numel()
+@register("awq", AWQOptions, calibration=True)
+def quantize_weights(state, opts: AWQOptions) -> dict:
+    spec = state.spec
+    selected = set(quant.targets(state.model, spec))
+    total = state.calib.input_ids.numel()
     done, alphas = [], []
 
     def fn(i, block, stats):
         sel = lambda n: f"blocks.{i}.{n}" in selected  # noqa: E731
-        alphas.extend(scale_block(block, stats, spec, sel, n_grid).values())
+        alphas.extend(scale_block(block, stats, spec, sel, opts.n_grid).values())
         for name, st in stats.items():
             if not sel(name):
                 continue
             layer = getattr(block, name)
             ratios = None
-            if clip and name not in NO_CLIP:
+            if opts.clip and name not in NO_CLIP:
                 ratios, _ = search_clip(layer.weight, st.x, spec.w_bits, spec.w_sym, spec.group_size,
                                         token_weight=st.w)
             layer.weight.copy_(quantize_clipped(layer.weight, spec.w_bits, spec.w_sym, spec.group_size, ratios))
             done.append(f"blocks.{i}.{name}")
 
-    walk_blocks(model, calib, fn,
-                lambda layer: TokenStats(layer.in_features, total, cfg.get("max_tokens", 4096), layer.weight.device),
-                batch_size=cfg.get("batch_size", 8), true_sequential=False,
-                token_weights=getattr(calib, "token_weights", None))
-    wrap_activations(model, spec, exclude=exclude)
+    quant.walk_blocks(state.model, state.calib, fn,
+                      lambda layer: quant.TokenStats(layer.in_features, total, opts.max_tokens, layer.weight.device),
+                      batch_size=opts.batch_size, true_sequential=False,
+                      token_weights=getattr(state.calib, "token_weights", None))
     return {"layers": len(done), "mean_alpha": sum(alphas) / len(alphas) if alphas else None}

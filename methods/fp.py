@@ -1,14 +1,19 @@
-"""Full precision: the baseline; changes nothing."""
+"""Full precision: the baseline; changes nothing (and installs no quantizers)."""
 
-from qdlm_bench.quant import QuantSpec
+from __future__ import annotations
 
-from . import _add
+from . import Method, add, options
 
 
-def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
-    if not spec.is_fp:
-        raise ValueError(f"method 'fp' takes bits=fp, got {spec.name!r}")
+@options
+class FPOptions:
+    """``conf/method/fp.yaml``: none."""
+
+
+def check(state) -> dict:
+    if not state.spec.is_fp:
+        raise ValueError(f"method 'fp' takes bits=fp, got {state.spec.name!r}")
     return {"layers": 0}
 
 
-_add("fp", quantize, needs_calibration=False)
+add(Method("fp", FPOptions, lambda o: [check]))

@@ -1,20 +1,136 @@
 """GPTQ (Frantar et al., 2023): Hessian-aware weight quantization, block by block on calibration data.
 
-Quantizes all seven linears of every block (q/k/v included), weights only; activations are
-wrapped (per-token dynamic) when ``spec.a_bits < 16``, as RTN. Runs in the model's dtype with
-Hessians in float32. Biases (Dream's q/k/v) are left untouched.
+Quantizes every target linear of every block (q/k/v included), weights only; activations are
+quantized afterwards by the recipe's ``install_quantizers`` when ``a < 16``, as RTN. Runs in the
+model's dtype with Hessians in float32. Biases (Dream's q/k/v) are left untouched.
 
-cfg keys: ``block_size`` (128), ``damp`` (0.01), ``act_order`` (False), ``static_groups`` (False),
-``true_sequential`` (True), ``batch_size`` (8), ``exclude`` (fnmatch patterns of layer names).
+The solver follows the reference implementation (IST-DASLab ``gptq.py``, ``fasterquant``): dead
+columns, dampening ``damp * mean(diag H)`` (raised x10 when Cholesky fails), Cholesky of ``H^-1``,
+lazy batch updates over blocks of columns, group parameters computed when a group starts from the
+current (error-updated) weights, act-order with optional static groups. The grid is the core
+quantizer's. Token weights in ``Hessian.add`` let weighted variants (DLLMQuant's CGQ) reuse it; the
+linears that share an input (and so a Hessian) are solved as one stacked matrix.
 """
 
-import torch
+from __future__ import annotations
 
-from qdlm_bench.quant import QuantSpec, linear_layers, wrap_activations
-from qdlm_bench.quant.gptq import Hessian, gptq_quantize
-from qdlm_bench.quant.walk import walk_blocks
+import warnings
+from typing import Annotated
 
-from . import register
+from pydantic import Field
+
+from qdlm_bench import quant
+from qdlm_bench.lazy import lazy_import, no_grad
+
+from . import options, register
+
+torch = lazy_import("torch")
+
+
+@options
+class GPTQOptions:
+    """``conf/method/gptq.yaml``."""
+
+    block_size: Annotated[int, Field(ge=1)] = 128
+    damp: Annotated[float, Field(ge=0)] = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    batch_size: Annotated[int, Field(ge=1)] = 8
+
+
+class Hessian:
+    """Running ``H = 2/n * sum_t w_t x_t x_t^T`` over the ``n`` tokens seen so far, float32."""
+
+    def __init__(self, dim: int, device=None):
+        self.H = torch.zeros(dim, dim, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """``x`` ``[*, dim]``; ``weights`` ``[*]`` (optional, per token)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        xw = x if weights is None else x * weights.reshape(-1, 1).float()
+        self.H.addmm_(xw.t(), x, alpha=2 / self.n)
+
+
+def _hinv_cholesky(H: torch.Tensor, damp: float, max_damp: float, name: str):
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, raising ``damp`` x10 until it works."""
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], device=H.device)
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, damp
+        if damp >= max_damp:
+            raise RuntimeError(f"GPTQ {name}: Hessian not positive definite even with damp={damp}")
+        new = damp * 10 if damp > 0 else 1e-6
+        warnings.warn(f"GPTQ {name}: Cholesky failed with damp={damp:g}; retrying with damp={new:g}")
+        damp = new
+
+
+@no_grad
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool, group_size: int | None = None,
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                  static_groups: bool = False, max_damp: float = 1.0, name: str = "layer"):
+    """Quantize ``W`` ``[out, in]`` against the input Hessian ``H`` ``[in, in]`` (neither is modified).
+
+    Returns ``(Q, info)``: the dequantized weights (``W``'s shape, dtype and column order) and
+    ``{"damp": damp used, "loss": the reference's summed error, "dead": dead columns}``.
+    ``group_size`` None means one (scale, zero) per output row. With ``act_order`` columns are
+    processed by decreasing ``diag H``; ``static_groups`` then fixes every group's parameters
+    up front on the original column grouping (so groups stay contiguous in the stored layout).
+    """
+    dtype, cols = W.dtype, W.shape[1]
+    W, H = W.float().clone(), H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    def params(w):
+        return quant.quant_params(w, bits, sym)
+
+    gs = group_size
+    if gs is None:
+        scale, zero = params(W)
+    elif static_groups:
+        groups = [params(W[:, i:i + gs]) for i in range(0, cols, gs)]
+
+    perm = torch.arange(cols, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp = _hinv_cholesky(H, damp, max_damp, name)
+
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs is not None:
+                if static_groups:
+                    scale, zero = groups[int(perm[col]) // gs]
+                elif col % gs == 0:  # current weights: the rest of this block, then later columns
+                    scale, zero = params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs])
+            w, d = W1[:, i], Hinv1[i, i]
+            q = quant.dequantize(quant.quantize(w[:, None], scale, zero, bits, sym), scale, zero)[:, 0]
+            Q[:, col] = q
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        loss += (Err1**2).sum() / 2  # the reference's sum of (w - q)^2 / d^2 / 2
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(dtype), {"damp": damp, "loss": float(loss), "dead": int(dead.sum())}
 
 
 class InputHessian(Hessian):
@@ -28,11 +144,13 @@ class InputHessian(Hessian):
         super().add(x if self.transform is None else self.transform(x), weights)
 
 
-def gptq_weights(model, spec: QuantSpec, calib, cfg: dict, selected: set[str]) -> dict:
-    """GPTQ the weights of the ``selected`` linears (full names such as ``blocks.0.q_proj``) in
-    place, block by block; returns ``{"layers": count, "max_damp": largest damp used}``."""
-    opts = {k: cfg.get(k, v) for k, v in
-            dict(block_size=128, damp=0.01, act_order=False, static_groups=False).items()}
+@register("gptq", GPTQOptions, calibration=True)
+def quantize_weights(state, opts: GPTQOptions) -> dict:
+    """GPTQ the target weights of ``state.model`` in place, block by block on ``state.calib`` (its
+    ``token_weights`` weigh the Hessians); returns ``{"layers": count, "max_damp": largest damp}``."""
+    selected = set(quant.targets(state.model, state.spec))
+    spec, solver = state.spec, dict(block_size=opts.block_size, damp=opts.damp, act_order=opts.act_order,
+                                    static_groups=opts.static_groups)
     done, damps = [], []
 
     def fn(i, block, stats):
@@ -45,20 +163,12 @@ def gptq_weights(model, spec: QuantSpec, calib, cfg: dict, selected: set[str]) -
             # linears that share H equals one solve per linear, at one column loop for all.
             layers = [getattr(block, n) for n in names]
             q, info = gptq_quantize(torch.cat([lin.weight for lin in layers]), stats[names[0]].H, spec.w_bits,
-                                    spec.w_sym, spec.group_size, name=f"blocks.{i}.{'+'.join(names)}", **opts)
+                                    spec.w_sym, spec.group_size, name=f"blocks.{i}.{'+'.join(names)}", **solver)
             for lin, part in zip(layers, q.split([lin.out_features for lin in layers])):
                 lin.weight.copy_(part)
             done.extend(f"blocks.{i}.{n}" for n in names)
             damps.append(info["damp"])
 
-    walk_blocks(model, calib, fn, InputHessian, batch_size=cfg.get("batch_size", 8),
-                true_sequential=cfg.get("true_sequential", True), token_weights=getattr(calib, "token_weights", None))
+    quant.walk_blocks(state.model, state.calib, fn, InputHessian, batch_size=opts.batch_size,
+                      true_sequential=opts.true_sequential, token_weights=getattr(state.calib, "token_weights", None))
     return {"layers": len(done), "max_damp": max(damps, default=None)}
-
-
-@register("gptq", needs_calibration=True)
-def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
-    exclude = cfg.get("exclude") or ()
-    info = gptq_weights(model, spec, calib, cfg, set(linear_layers(model, exclude)))
-    wrap_activations(model, spec, exclude=exclude)
-    return info

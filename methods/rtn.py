@@ -1,16 +1,18 @@
-"""Round-to-nearest: per-channel or per-group weights, per-token dynamic activations. No calibration.
+"""Round-to-nearest: per-channel or per-group weights of every target linear (``quant.exclude``,
+``quant.lm_head``); activations per-token dynamic when a < 16 (``install_quantizers``). No calibration."""
 
-cfg keys: ``exclude`` (fnmatch patterns of layer names), ``include_lm_head`` (default False).
-"""
+from __future__ import annotations
 
-from qdlm_bench.quant import QuantSpec, quantize_weights_rtn, wrap_activations
+from qdlm_bench import quant
 
-from . import register
+from . import options, register
 
 
-@register("rtn")
-def quantize(model, spec: QuantSpec, calib, cfg: dict) -> dict:
-    select = dict(exclude=cfg.get("exclude", ()), include_lm_head=cfg.get("include_lm_head", False))
-    n = quantize_weights_rtn(model, spec, **select)
-    wrap_activations(model, spec, **select)
-    return {"layers": n}
+@options
+class RTNOptions:
+    """``conf/method/rtn.yaml``: none."""
+
+
+@register("rtn", RTNOptions)
+def round_weights(state, opts: RTNOptions) -> dict:
+    return {"layers": quant.quantize_weights_rtn(state.model, state.spec)}

@@ -23,7 +23,7 @@ import torch
 
 from qdlm_bench import analysis, calibration
 from qdlm_bench.quant import fake_quant, linear_layers
-from qdlm_bench.quant.gptq import Hessian, gptq_quantize
+from qdlm_bench.methods.gptq import GPTQOptions, Hessian, gptq_quantize
 
 OPTIONS = {"heldout": "prompts:mini_math+mini_code", "out": None}
 
@@ -54,13 +54,16 @@ def relative_error(W: torch.Tensor, Q: torch.Tensor, gram: torch.Tensor) -> floa
     return float(torch.sqrt(((D @ gram) * D).sum() / ((W @ gram) * W).sum()))
 
 
-def layer_errors(model, spec, fit: dict, held: dict) -> list[dict]:
-    """Per linear: RTN's and GPTQ's relative output error on the fit and held-out inputs."""
+def layer_errors(model, spec, fit: dict, held: dict, opts=None) -> list[dict]:
+    """Per linear: RTN's and GPTQ's relative output error on the fit and held-out inputs (GPTQ with
+    ``opts``, its validated options; defaults when None)."""
+    opts = opts or GPTQOptions()
+    solver = dict(block_size=opts.block_size, damp=opts.damp, act_order=opts.act_order, static_groups=opts.static_groups)
     rows = []
     for name, layer in linear_layers(model).items():
         W = layer.weight.data
         rtn = fake_quant(W, spec.w_bits, spec.w_sym, spec.group_size)
-        gptq, _ = gptq_quantize(W, fit[name], spec.w_bits, spec.w_sym, spec.group_size, name=name)
+        gptq, _ = gptq_quantize(W, fit[name], spec.w_bits, spec.w_sym, spec.group_size, name=name, **solver)
         rows.append({"layer": name, **{f"{q}_{s}": relative_error(W, Q, g) for q, Q in (("rtn", rtn), ("gptq", gptq))
                                        for s, g in (("fit", fit[name]), ("heldout", held[name]))}})
     return rows
@@ -68,7 +71,8 @@ def layer_errors(model, spec, fit: dict, held: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, opt, _ = analysis.parse_args(sys.argv[1:] if argv is None else argv, OPTIONS)
-    spec = analysis.build_spec({**cfg, "method": {**cfg["method"], "name": "gptq"}})
+    method = cfg["method"] if cfg["method"]["name"] == "gptq" else {"name": "gptq"}  # GPTQ's options, as a run
+    spec = analysis.build_spec({**cfg, "method": method})
     model, tokenizer = analysis.load(spec)
     mask_id = model.config.mask_token_id
     fit_cfg = spec.calib
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = {k: calibration.build(c, tokenizer, mask_id, data_dir=spec.settings.data_dir)
             for k, c in (("fit", fit_cfg), ("heldout", held_cfg))}
     grams = {k: gram_matrices(model.eval(), s) for k, s in sets.items()}
-    rows = layer_errors(model, spec.quant, grams["fit"], grams["heldout"])
+    rows = layer_errors(model, spec.quant, grams["fit"], grams["heldout"], spec.options)
     cols = ["rtn_fit", "gptq_fit", "rtn_heldout", "gptq_heldout"]
     mean = {c: sum(r[c] for r in rows) / len(rows) for c in cols}
     out = Path(opt["out"] or analysis.default_out("layer_error", f"{spec.model['name']}-{spec.quant.name}"))

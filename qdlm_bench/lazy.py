@@ -8,6 +8,7 @@ library's ``importlib.util.LazyLoader``); ``lazy_exports`` gives a package a mod
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -40,3 +41,13 @@ def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], objec
         return value
 
     return __getattr__
+
+
+def no_grad(fn: Callable) -> Callable:
+    """``torch.no_grad()`` around each call of ``fn``, without importing torch before the first call."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with importlib.import_module("torch").no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper

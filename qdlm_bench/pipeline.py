@@ -35,8 +35,7 @@ def quantize(spec: runspec.RunSpec, model, tokenizer, timings: dict | None = Non
                                       data_dir=spec.settings.data_dir)
     log.info("quantizing with %s at %s", spec.method["name"], spec.quant.name)
     with timed(timings, "quantize_s"):
-        options = {k: v for k, v in spec.method.items() if k != "label"}  # label: the table name only
-        return methods.get(spec.method["name"])(model, spec.quant, calib, {**options, "exclude": spec.exclude})
+        return methods.get(spec.method["name"])(model, spec.quant, calib, spec.options)
 
 
 def execute(spec: runspec.RunSpec, timings: dict) -> dict:

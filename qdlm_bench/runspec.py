@@ -1,27 +1,29 @@
 """A run's validated specification: everything that defines its result, checked up front.
 
-Bad input (unknown method, bad bit string, missing checkpoint folder, unknown task, task data
-absent offline) fails here with a message naming the fix, before any weights load.
+Bad input (unknown method or option, bad bit string, missing checkpoint folder, unknown task, task
+data absent offline) fails here with a message naming the fix, before any weights load. Torch-free
+until the last step (``device``/``dtype``), so a configuration error takes well under 3 s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from qdlm_bench import methods
-from qdlm_bench import evaluation
+from qdlm_bench import evaluation, methods
 from qdlm_bench.calibration import CalibConfig
-from qdlm_bench.quant import QuantSpec, QuantSpecError
+from qdlm_bench.paths import ZOO_DIR
+from qdlm_bench.quant.spec import QuantSpec, QuantSpecError
 
 MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer", "mask_token_id",
                 "chat_template", "generation")
-ZOO_DIR = Path(__file__).resolve().parent / "zoo" / "models"
-# activation options of the quant: section -> QuantSpec fields
-ACT_OPTIONS = {"act_sym": "a_sym", "act_clip_ratio": "a_clip_ratio", "act_layers": "act_layers"}
+# the quant: section -> QuantSpec fields (besides the bit string)
+QUANT_OPTIONS = {"act_sym": "a_sym", "act_clip_ratio": "a_clip_ratio", "act_layers": "act_layers",
+                 "exclude": "exclude", "lm_head": "lm_head"}
 
 
 class ConfigError(ValueError):
@@ -31,9 +33,9 @@ class ConfigError(ValueError):
 @dataclass
 class RunSpec:
     model: dict
-    method: dict
+    method: dict  # the method's name, its options as a dict, and its table label when set
+    options: Any  # the method's validated options (``methods.get(name).options``)
     quant: QuantSpec
-    exclude: tuple[str, ...]
     tasks: list[str]
     eval: dict
     settings: evaluation.EvalSettings
@@ -49,8 +51,8 @@ class RunSpec:
                            else self.model.get("hub_id") or self.model.get("shape"))
         evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "batch_size")}
         calib = {"calib": self.calib.defining()} if self.calib else {}
-        quant = {"bits": self.quant.name, "exclude": list(self.exclude)}
         q = self.quant
+        quant = {"bits": q.name, "exclude": list(q.exclude), **({"lm_head": True} if q.lm_head else {})}
         if q.a_bits < 16:  # activation options matter only then (weight-only keys unchanged)
             quant.update(act_sym=q.a_sym, act_clip_ratio=q.a_clip_ratio, act_layers=list(q.act_layers))
         return {"model": model, "method": self.method, **calib, "quant": quant,
@@ -72,6 +74,7 @@ def checkpoint_fingerprint(folder: str, sample: int = 1 << 20) -> str:
 
 
 def resolve_device(device: str) -> str:
+    torch = importlib.import_module("torch")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -80,6 +83,7 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
+    torch = importlib.import_module("torch")
     if dtype == "auto":
         return "bfloat16" if device.startswith("cuda") else "float32"
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -109,23 +113,34 @@ def check_model(model: dict) -> dict:
 
 
 def quant_spec(bits: str, quant_cfg: dict) -> QuantSpec:
-    """The QuantSpec of ``bits`` with the activation options of the ``quant:`` config section."""
-    options = {field: quant_cfg[key] for key, field in ACT_OPTIONS.items() if quant_cfg.get(key) is not None}
+    """The QuantSpec of ``bits`` with the options of the ``quant:`` config section."""
+    unknown = sorted(set(quant_cfg) - set(QUANT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown quant option(s) {unknown}; valid: {list(QUANT_OPTIONS)}")
+    options = {field: quant_cfg[key] for key, field in QUANT_OPTIONS.items() if quant_cfg.get(key) is not None}
     try:
         return QuantSpec.parse(bits, **options)
     except QuantSpecError as err:
         raise ConfigError(str(err)) from None
-    except ValueError as err:  # an activation option
-        raise ConfigError(f"quant.act_* ({', '.join(ACT_OPTIONS)}): {err}") from None
+    except ValueError as err:  # a quant: option
+        raise ConfigError(f"quant.* ({', '.join(QUANT_OPTIONS)}): {err}") from None
+
+
+def method_options(method_cfg: dict) -> tuple[str, Any, str | None]:
+    """``(name, validated options, label)`` of the ``method:`` config section."""
+    cfg = dict(method_cfg)
+    name, label = cfg.pop("name", None), cfg.pop("label", None)
+    try:
+        return name, methods.build_options(name, cfg), label
+    except ValueError as err:  # unknown method, or a bad option (OptionError)
+        raise ConfigError(str(err)) from None
 
 
 def build(cfg: dict) -> RunSpec:
-    """Validate a resolved Hydra config (as a plain dict) into a RunSpec."""
-    method = dict(cfg["method"])
-    name = method.get("name")
-    if name not in methods.available():
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(methods.available())}")
-    quant = quant_spec("fp16" if name == "fp" else str(cfg["bits"]), cfg["quant"])
+    """Validate a resolved Hydra config (as a plain dict) into a RunSpec; raises ConfigError."""
+    name, options, label = method_options(cfg["method"])
+    method = {"name": name, **dataclasses.asdict(options), **({"label": label} if label else {})}
+    quant = quant_spec("fp16" if name == "fp" else str(cfg["bits"]), dict(cfg["quant"]))
     if name != "fp" and quant.is_fp:
         raise ConfigError(f"method {name} quantizes, but bits={cfg['bits']} is full precision; "
                           "use method=fp for the baseline or a bit string like w4a16")
@@ -145,7 +160,7 @@ def build(cfg: dict) -> RunSpec:
         calib = CalibConfig.from_dict(cfg["calib"]) if methods.needs_calibration(name) else None
     except ValueError as err:
         raise ConfigError(f"calib: {err}") from None
-    device = resolve_device(str(cfg["device"]))
-    return RunSpec(calib=calib, model=model, method=method, quant=quant, exclude=tuple(cfg["quant"].get("exclude") or ()),
-                   tasks=tasks, eval=eval_cfg, settings=settings,
-                   dtype=resolve_dtype(str(cfg["dtype"]), device), device=device, seed=int(cfg["seed"]))
+    device = resolve_device(str(cfg["device"]))  # the first torch import: every check above is torch-free
+    return RunSpec(calib=calib, model=model, method=method, options=options, quant=quant, tasks=tasks,
+                   eval=eval_cfg, settings=settings, dtype=resolve_dtype(str(cfg["dtype"]), device),
+                   device=device, seed=int(cfg["seed"]))

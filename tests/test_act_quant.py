@@ -9,7 +9,7 @@ from qdlm_bench import runspec
 from qdlm_bench.models import LINEAR_NAMES
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.transformer import apply_rope
-from qdlm_bench.quant import QuantLinear, QuantSpec, fake_quant, wrap_activations
+from qdlm_bench.quant import QuantLinear, QuantSpec, fake_quant, install_quantizers
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -37,7 +37,7 @@ def quantized_inputs(model) -> dict:
 @pytest.mark.parametrize("sym", [False, True])
 def test_every_linear_input_takes_at_most_2_pow_bits_levels_per_token(bits, sym):
     model = random_model("tiny-dream")
-    wrap_activations(model, QuantSpec.parse(f"w8a{bits}", a_sym=sym))
+    install_quantizers(model, QuantSpec.parse(f"w8a{bits}", a_sym=sym))
     seen = quantized_inputs(model)
     assert sorted(seen) == sorted(f"blocks.{i}.{n}" for i in range(2) for n in LINEAR_NAMES)
     for x, q in seen.values():
@@ -76,7 +76,7 @@ def test_act_layers_restricts_which_inputs_are_quantized():
     assert spec.act_layers == ("o_proj", "down_proj")  # canonical order
     assert spec.quantizes_input("blocks.1.o_proj") and not spec.quantizes_input("q_proj")
     assert not QuantSpec.parse("w4a16").quantizes_input("q_proj")
-    wrap_activations(model, spec)
+    install_quantizers(model, spec)
     for name, (x, q) in quantized_inputs(model).items():
         if name.endswith(("down_proj", "o_proj")):
             assert not torch.equal(q, x) and model.get_submodule(name).act_quant.bits == 4
@@ -98,7 +98,7 @@ def test_bad_activation_options(bad, message):
 
 def test_k_is_quantized_after_rope_and_v_too():
     model = random_model("tiny-dream")
-    wrap_activations(model, QuantSpec.parse("w8a16kv3"))
+    install_quantizers(model, QuantSpec.parse("w8a16kv3"))
     block, seen = model.blocks[0], {}
     for hook in ("k_quant", "v_quant"):
         getattr(block, hook).register_forward_hook(lambda m, args, out, hook=hook: seen.update({hook: (args[0], out)}))

@@ -9,8 +9,8 @@ import torch
 from qdlm_bench import methods
 from qdlm_bench.methods.awq import scale_block
 from qdlm_bench.models.presets import random_model
-from qdlm_bench.quant import QuantSpec, fake_quant, linear_layers, quantized_layer_names
-from qdlm_bench.quant.awq import TokenStats, fold_scales, quantize_clipped, search_clip, search_scale
+from qdlm_bench.methods.awq import quantize_clipped, search_clip, search_scale
+from qdlm_bench.quant import QuantSpec, TokenStats, fake_quant, fold_scales, linear_layers, quantized_layer_names
 from qdlm_bench.quant.walk import SUBSETS, Batches, block_inputs, collect, run_block, walk_blocks
 
 GEN = torch.Generator().manual_seed(0)
@@ -133,7 +133,8 @@ def test_awq_method_on_tiny_models(shape):
         ref = fp(held)
     for method in ("rtn", "awq"):
         model = copy.deepcopy(fp)
-        info = methods.get(method)(model, QuantSpec.parse("w3a16g64"), calib, {"batch_size": 4, "max_tokens": 512})
+        info = methods.get(method)(model, QuantSpec.parse("w3a16g64"), calib,
+                                   {"batch_size": 4, "max_tokens": 512} if method == "awq" else {})
         with torch.no_grad():
             errs[method] = ((model(held) - ref) ** 2).mean().item()
     names = [f"blocks.{i}.{n}" for i in range(len(model.blocks)) for s in SUBSETS for n in s]
@@ -150,7 +151,7 @@ def test_awq_method_on_tiny_models(shape):
 def test_registry_and_exclude():
     model, calib = tiny("tiny-llada")
     fp = copy.deepcopy(model)
-    info = methods.get("awq")(model, QuantSpec.parse("w4a16"), calib, {"exclude": ["*.down_proj"], "n_grid": 5, "clip": False})
+    info = methods.get("awq")(model, QuantSpec.parse("w4a16", exclude=["*.down_proj"]), calib, {"n_grid": 5, "clip": False})
     assert info["layers"] == 12 and methods.needs_calibration("awq")
     assert len(linear_layers(model)) == 14
     # a subset with nothing to quantize is neither scaled nor quantized

@@ -13,14 +13,14 @@ from omegaconf import OmegaConf
 from qdlm_bench import methods
 import qdlm_bench.methods.awq
 import qdlm_bench.methods.gptq
-from qdlm_bench.methods.dllmquant import _options
+from qdlm_bench.methods.dllmquant import CGQOptions, IAAQOptions
 from qdlm_bench import pipeline, runspec
 from qdlm_bench.calibration import CalibSet, confidences
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.transformer import apply_rope
-from qdlm_bench.quant import QuantSpec, fake_quant
-from qdlm_bench.methods.dllmquant.cgq import CGQConfig, token_weights
-from qdlm_bench.methods.dllmquant.iaaq import IAAQConfig, VQuantizer, calibrate, head_losses
+from qdlm_bench.quant import ActQuantizer, QuantSpec, fake_quant
+from qdlm_bench.methods.dllmquant.cgq import token_weights
+from qdlm_bench.methods.dllmquant.iaaq import calibrate, head_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = torch.Generator().manual_seed(0)
@@ -46,11 +46,11 @@ def test_cgq_weights_formula():
     g2 = torch.tensor([(1 + 0.5) ** 2, (0.7 + 0.2) ** 2, (0.7 + 0.9) ** 2, 0.0])
     assert torch.allclose(token_weights(calib), g2 * 3 / g2.sum())  # mean 1 over the 3 real tokens, pad 0
     zero = torch.tensor([1.5**2, 0.7**2, 0.7**2, 0.0])
-    assert torch.allclose(token_weights(calib, CGQConfig(unmasked_conf="zero")), zero * 3 / zero.sum())
+    assert torch.allclose(token_weights(calib, CGQOptions(unmasked_conf="zero")), zero * 3 / zero.sum())
     with pytest.raises(ValueError, match="confidences"):
         token_weights(CalibSet(calib.input_ids, masked, torch.zeros(1)))
     with pytest.raises(ValueError, match="unmasked_conf"):
-        CGQConfig(unmasked_conf="max")
+        CGQOptions(unmasked_conf="max")
 
 
 def captured(monkeypatch, module, name):
@@ -102,11 +102,11 @@ def test_cgq_weights_reach_awqs_searches(monkeypatch):
 # --- IA-AQ ---------------------------------------------------------------------------------------
 
 def test_iaaq_grid():
-    grid = IAAQConfig().grid()
+    grid = IAAQOptions().grid()
     assert len(grid) == 21 and grid[0] == pytest.approx(0.8) and grid[-1] == 1.0
     assert torch.allclose(grid.diff(), torch.full((20,), 0.01), atol=1e-6)
     with pytest.raises(ValueError, match="alpha_min"):
-        IAAQConfig(alpha_min=1.1)
+        IAAQOptions(alpha_min=1.1)
 
 
 def test_head_losses_match_a_direct_sum():
@@ -127,8 +127,8 @@ def test_iaaq_search_matches_the_blocks_attention_and_never_loses_to_alpha_one()
     model = random_model("tiny-dream").eval()  # GQA: 4 query heads over 2 KV heads
     calib = calib_set(pad=False)
     fp = copy.deepcopy(model)
-    out = calibrate(model, calib, bits=3, batch_size=4)
-    grid = IAAQConfig().grid()
+    out = calibrate(model, calib, QuantSpec.parse("w4a16kv3"), batch_size=4)
+    grid = IAAQOptions().grid()
     for alphas, losses in zip(out["alphas"], out["losses"]):
         assert (losses.min(0).values <= losses[-1]).all()  # alpha = 1 is the grid's last point
         assert torch.equal(alphas, grid[losses.argmin(0)])
@@ -145,9 +145,9 @@ def test_iaaq_search_matches_the_blocks_attention_and_never_loses_to_alpha_one()
         attn = (q @ k.transpose(-1, -2) / hd**0.5).softmax(-1)
     assert torch.allclose(out["losses"][0], head_losses(v, attn, 3, grid), rtol=1e-4)
     vq = model.blocks[0].v_quant
-    assert isinstance(vq, VQuantizer)
+    assert isinstance(vq, ActQuantizer) and vq.head_range is not None  # the KV quantizer, with IA-AQ's alphas
     for head in range(2):  # the installed quantizer, scored on the hand-made A: never worse than alpha = 1
-        alpha = float(vq.alpha[head])
+        alpha = float(vq.head_range[head])
         assert torch.allclose(vq(v)[:, head], fake_quant(v[:, head], 3, False, None, alpha))
         chosen, at_one = head_losses(v, attn, 3, torch.tensor([alpha, 1.0]))[:, head]
         assert chosen <= at_one
@@ -157,15 +157,15 @@ def test_iaaq_search_matches_the_blocks_attention_and_never_loses_to_alpha_one()
 
 def test_option_errors():
     with pytest.raises(ValueError, match=r"unknown method keys \['tmass'\]"):
-        _options({"tmass": True})
+        methods.build_options("dllmquant", {"tmass": True})
     with pytest.raises(ValueError, match="base must be one of"):
-        _options({"base": "rtn"})
+        methods.build_options("dllmquant", {"base": "rtn"})
     with pytest.raises(ValueError, match="method.cgq must be true or false"):
-        _options({"cgq": "yes"})
+        methods.build_options("dllmquant", {"cgq": "yes"})
     with pytest.raises(ValueError, match=r"method.tmas_opts.*valid keys.*n_samples"):
-        _options({"tmas_opts": {"samples": 3}})
+        methods.build_options("dllmquant", {"tmas_opts": {"samples": 3}})
     with pytest.raises(ValueError, match="sampling"):
-        _options({"tmas_opts": {"sampling": "all"}})
+        methods.build_options("dllmquant", {"tmas_opts": {"sampling": "all"}})
 
 
 def test_iaaq_only_where_v_is_quantized(caplog):
@@ -192,7 +192,8 @@ def config(*overrides: str) -> dict:
 @pytest.mark.parametrize("model", ["tiny_random_llada", "tiny_random_dream"])
 @pytest.mark.parametrize("base", ["gptq", "awq", "quarot"])
 def test_end_to_end(model, base, tmp_path):
-    cfg = config(f"model={model}", f"method.base={base}", "method.base_opts={n_grid: 2, clip: false}")
+    fast = "method.base_opts={n_grid: 2, clip: false}" if base == "awq" else "method.base_opts=null"
+    cfg = config(f"model={model}", f"method.base={base}", fast)
     record = pipeline.run(cfg, store_root=tmp_path)
     assert record["status"] == "done", record["error"]
     assert record["spec"]["method"]["base"] == base and 0 <= record["metrics"]["mini_qa"]["value"] <= 1

@@ -9,8 +9,8 @@ from test_smoothquant import CALIB, with_outliers
 from qdlm_bench import methods
 from qdlm_bench.methods.duquant import transform_block
 from qdlm_bench.quant import QuantSpec, fake_quant, quantized_layer_names
-from qdlm_bench.quant.duquant import (OutlierStats, fit_transform, greedy_rotation,
-                                      spreading_rotation, zigzag_permutation)
+from qdlm_bench.methods.duquant import (OutlierStats, fit_transform, greedy_rotation, spreading_rotation,
+                                        zigzag_permutation)
 from qdlm_bench.quant.smooth import smooth_scales
 from qdlm_bench.quant.walk import walk_blocks
 

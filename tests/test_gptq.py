@@ -14,7 +14,7 @@ import torch
 from qdlm_bench import methods
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.quant import QuantSpec, fake_quant, linear_layers, quantized_layer_names
-from qdlm_bench.quant.gptq import Hessian, gptq_quantize
+from qdlm_bench.methods.gptq import Hessian, gptq_quantize
 from qdlm_bench.quant.walk import SUBSETS, walk_blocks
 
 GEN = torch.Generator().manual_seed(0)
@@ -150,7 +150,7 @@ def test_gptq_method_on_tiny_models(shape, cfg):
         model = models[method, bits] = copy.deepcopy(fp)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no damp raise on healthy Hessians
-            info = methods.get(method)(model, QuantSpec.parse(bits), calib, {**cfg, "batch_size": 4})
+            info = methods.get(method)(model, QuantSpec.parse(bits), calib, {**cfg, "batch_size": 4} if method == "gptq" else {})
         with torch.no_grad():
             errs[method, bits] = ((model(held) - ref) ** 2).mean().item()
     model = models["gptq", "w3a16g128"]
@@ -173,7 +173,7 @@ def test_exclude_and_registry():
     model = random_model("tiny-llada").eval()
     fp = copy.deepcopy(model)
     calib = SimpleNamespace(input_ids=torch.randint(0, 128, (4, 16), generator=GEN))
-    info = methods.get("gptq")(model, QuantSpec.parse("w4a16"), calib, {"exclude": ["*.down_proj"]})
+    info = methods.get("gptq")(model, QuantSpec.parse("w4a16", exclude=["*.down_proj"]), calib)
     assert info["layers"] == 12 and torch.equal(model.blocks[0].down_proj.weight, fp.blocks[0].down_proj.weight)
     assert methods.needs_calibration("gptq") and not methods.needs_calibration("rtn")
     assert not methods.needs_calibration("fp")

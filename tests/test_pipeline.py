@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qdlm_bench import pipeline, runspec
+from qdlm_bench import methods, pipeline, runspec
 from qdlm_bench.models import random_model, save_model
 from qdlm_bench.store import ResultStore
 
@@ -72,19 +73,20 @@ def test_rerun_skips_finished_runs_unless_forced(tmp_path, monkeypatch):
 
 
 def test_a_method_label_names_the_record_and_is_not_passed_to_the_method(tmp_path, monkeypatch):
-    seen = []
-    rtn = pipeline.methods.get("rtn")
-    monkeypatch.setattr(pipeline.methods, "get", lambda name: lambda m, s, c, cfg: seen.append(cfg) or rtn(m, s, c, cfg))
+    seen = []  # the options each recipe is built from
+    rtn = methods.get("rtn")
+    monkeypatch.setitem(methods._REGISTRY, "rtn", replace(rtn, recipe=lambda o: seen.append(o) or rtn.recipe(o)))
     record = pipeline.run(config("method=rtn", "bits=w8a16", "+method.label=rtn-variant"), store_root=tmp_path)
     assert record["status"] == "done" and record["method"] == "rtn-variant"
-    assert "label" not in seen[0] and seen[0]["name"] == "rtn"
+    assert seen and all(isinstance(o, rtn.options) and not hasattr(o, "label") for o in seen)
 
 
 def test_a_failing_run_is_recorded_and_does_not_raise(tmp_path, monkeypatch):
-    def broken(*args):
+    def broken(state):
         raise RuntimeError("quantizer exploded")
 
-    monkeypatch.setattr(pipeline.methods, "get", lambda name: broken)
+    rtn = methods.get("rtn")
+    monkeypatch.setitem(methods._REGISTRY, "rtn", replace(rtn, recipe=lambda o: [broken]))
     record = pipeline.run(config("method=rtn", "bits=w4a16"), store_root=tmp_path)
     assert record["status"] == "failed" and "RuntimeError: quantizer exploded" in record["error"]
     assert ResultStore(tmp_path).get(record["key"])["status"] == "failed"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from qdlm_bench import methods
 from qdlm_bench.models import LINEAR_NAMES, DiffusionLM, DLLMConfig
 from qdlm_bench.quant import (ActQuantizer, QuantLinear, QuantSpec, fake_quant, int_codes, qrange,
-                              quantized_layer_names, wrap_activations)
+                              install_quantizers, quantized_layer_names)
 
 
 def tiny_model(family: str, tie: bool = False) -> DiffusionLM:
@@ -21,8 +21,8 @@ def tiny_model(family: str, tie: bool = False) -> DiffusionLM:
     return DiffusionLM(cfg).eval()
 
 
-def rtn(model, bits: str, **cfg):
-    return methods.get("rtn")(model, QuantSpec.parse(bits), None, cfg)
+def rtn(model, bits: str, **targets):
+    return methods.get("rtn")(model, QuantSpec.parse(bits, **targets), None)
 
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -167,7 +167,7 @@ def test_rtn_covers_every_block_linear(family):
 def test_exclude_patterns_and_lm_head():
     model = tiny_model("llada", tie=True)
     fp = {k: v.clone() for k, v in model.state_dict().items()}
-    info = rtn(model, "w4a16", exclude=["*.down_proj", "blocks.0.*"], include_lm_head=True)
+    info = rtn(model, "w4a16", exclude=["*.down_proj", "blocks.0.*"], lm_head=True)
     names = set(quantized_layer_names(model))
     assert names == {f"blocks.1.{n}" for n in LINEAR_NAMES if n != "down_proj"} | {"lm_head"}
     assert info["layers"] == 7
@@ -208,7 +208,7 @@ def test_kv_quant_is_installed_and_changes_output():
     model = tiny_model("dream")
     with torch.no_grad():
         ref = model(IDS)
-        wrap_activations(model, QuantSpec.parse("w4a16kv2"))
+        install_quantizers(model, QuantSpec.parse("w4a16kv2"))
         out = model(IDS)
     assert isinstance(model.blocks[1].k_quant, ActQuantizer) and model.blocks[1].v_quant.bits == 2
     assert not torch.allclose(out, ref)
@@ -228,4 +228,4 @@ def test_registry():
     with pytest.raises(ValueError, match="method=fp"):
         methods.get("rtn")(model, QuantSpec.parse("fp"), None, {})
     with pytest.raises(ValueError, match="already registered"):
-        methods.register("rtn")(lambda *a: {})
+        methods.register("rtn", methods.get("rtn").options)(lambda *a: {})

@@ -9,17 +9,21 @@ import pytest
 import torch
 
 from qdlm_bench import methods
-from qdlm_bench.methods.gptq import InputHessian
+from qdlm_bench.methods.gptq import Hessian, InputHessian
+from qdlm_bench.methods.quarot import RotationOptions, rotate
 from qdlm_bench.bench import forward
 from qdlm_bench.models import DLLMConfig
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.quant import QuantLinear, QuantSpec, quantized_layer_names
-from qdlm_bench.quant.gptq import Hessian
 from qdlm_bench.quant.hadamard import OnlineHadamard
-from qdlm_bench.quant.rotation import (fuse_norms, hadamard_down_proj, quarot_rotate, rotate_heads, rotate_qk,
-                                       rotate_residual)
+from qdlm_bench.quant.rotation import fuse_norms, hadamard_down_proj, rotate_heads, rotate_qk, rotate_residual
 
 GEN = torch.Generator().manual_seed(0)
+
+
+def quarot_rotate(model):
+    """QuaRot's rotation step with its default options (Q/K rotated: K quantized)."""
+    rotate(methods.QuantState(model, QuantSpec.parse("w4a4kv4")), RotationOptions())
 
 
 
@@ -158,7 +162,8 @@ def errors(fp, runs, after=None) -> list[float]:
     out = []
     for method, bits, cfg in runs:
         model = copy.deepcopy(fp)
-        methods.get(method)(model, QuantSpec.parse(bits), calib, {**cfg, "batch_size": 8})
+        batch = {"batch_size": 8} if "batch_size" in methods.defaults(method) else {}
+        methods.get(method)(model, QuantSpec.parse(bits), calib, {**cfg, **batch})
         if after is not None:
             after(model)
         with torch.no_grad():
@@ -209,7 +214,7 @@ def test_quarot_gptq_on_rotated_inputs(shape):
 def test_quarot_method_coverage():
     model = random_model("tiny-dream")
     calib = SimpleNamespace(input_ids=torch.randint(0, 126, (4, 16), generator=GEN))
-    info = methods.get("quarot")(model, QuantSpec.parse("w4a4kv4"), calib, {"exclude": ["blocks.1.up_proj"]})
+    info = methods.get("quarot")(model, QuantSpec.parse("w4a4kv4", exclude=["blocks.1.up_proj"]), calib)
     names = quantized_layer_names(model)
     assert info["layers"] == 13 and len(names) == 13 and "blocks.1.up_proj" not in names
     for b in model.blocks:

@@ -8,8 +8,8 @@ import torch
 
 from qdlm_bench import methods
 from qdlm_bench.models.presets import random_model
-from qdlm_bench.quant import QuantSpec, quantized_layer_names
-from qdlm_bench.quant.smooth import ChannelMax, smooth_block, smooth_scales
+from qdlm_bench.quant import ChannelMax, QuantSpec, quantized_layer_names
+from qdlm_bench.quant.smooth import smooth_block, smooth_scales
 from qdlm_bench.quant.walk import walk_blocks
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qdlm_bench.methods.dllmquant import tmas
+from qdlm_bench.methods.dllmquant import SEGMENT_BY, TMASOptions, tmas
 from qdlm_bench.calibration import CalibSet
 from qdlm_bench.diffusion import GenerationConfig, generate
 from qdlm_bench.models.presets import random_model
@@ -69,7 +69,7 @@ def test_quotas():
     assert tmas.quotas(7, (0.5, 0.5)) in ([4, 3], [3, 4]) and sum(tmas.quotas(7, (0.25,) * 4)) == 7
 
 
-@pytest.mark.parametrize("segment_by", tmas.SEGMENT_BY)
+@pytest.mark.parametrize("segment_by", SEGMENT_BY)
 def test_draw_meets_quotas_from_every_segment(llada_traj, segment_by):
     seg = llada_traj.segments(4, segment_by)
     gen = torch.Generator().manual_seed(0)
@@ -85,7 +85,7 @@ def test_draw_meets_quotas_from_every_segment(llada_traj, segment_by):
 
 
 def test_build_rows_quotas_confidences_and_cache(llada, tmp_path, monkeypatch):
-    cfg = tmas.TMASConfig(n_samples=20, generation={"gen_length": 16, "steps": 8, "block_length": 8})
+    cfg = TMASOptions(n_samples=20, generation={"gen_length": 16, "steps": 8, "block_length": 8})
     calib = tmas.build(llada, prompt_set(), cfg, batch_size=4, cache_dir=tmp_path)
     assert len(calib) == 20 and calib.confidence.shape == calib.input_ids.shape
     real = calib.attention_mask.bool()
@@ -102,10 +102,10 @@ def test_build_rows_quotas_confidences_and_cache(llada, tmp_path, monkeypatch):
 
 def test_uniform_and_text_sampling(llada):
     gen = {"gen_length": 16, "steps": 8, "block_length": 8}
-    uniform = tmas.build(llada, prompt_set(), tmas.TMASConfig(n_samples=30, sampling="uniform", generation=gen),
+    uniform = tmas.build(llada, prompt_set(), TMASOptions(n_samples=30, sampling="uniform", generation=gen),
                          cache_dir=None)
     assert len(uniform) == 30 and uniform.masked.any(1).all()
-    text = tmas.build(llada, prompt_set(), tmas.TMASConfig(n_samples=6, sampling="text", generation=gen),
+    text = tmas.build(llada, prompt_set(), TMASOptions(n_samples=6, sampling="text", generation=gen),
                       cache_dir=None)
     assert not text.masked.any() and torch.equal(text.mask_ratio, torch.zeros(6))
     assert sorted(r[a.bool()].tolist()[0] for r, a in zip(text.input_ids, text.attention_mask)) == \
@@ -114,12 +114,12 @@ def test_uniform_and_text_sampling(llada):
 
 def test_errors_are_clear(llada):
     with pytest.raises(ValueError, match="sum to 1"):
-        tmas.TMASConfig(proportions=(0.5, 0.6))
+        TMASOptions(proportions=(0.5, 0.6))
     with pytest.raises(ValueError, match="segment_by"):
-        tmas.TMASConfig(segment_by="time")
+        TMASOptions(segment_by="time")
     with pytest.raises(ValueError, match="tmas generation.*valid keys"):
-        tmas.TMASConfig(generation={"length": 3})
+        TMASOptions(generation={"length": 3})
     masked = prompt_set()
     masked.masked[0, -1] = True
     with pytest.raises(ValueError, match="masking=none"):
-        tmas.build(llada, masked, tmas.TMASConfig(), cache_dir=None)
+        tmas.build(llada, masked, TMASOptions(), cache_dir=None)

@@ -10,32 +10,15 @@ through ``CalibSet.token_weights`` and the shared block walk.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-UNMASKED_CONF = ("token", "zero")
+from . import CGQOptions
 
-
-@dataclasses.dataclass(frozen=True)
-class CGQConfig:
-    """``method.cgq_opts``."""
-
-    masked: float = 1.0
-    unmasked: float = 0.7
-    unmasked_conf: str = "token"
-
-    def __post_init__(self):
-        if self.masked < 0 or self.unmasked < 0:
-            raise ValueError(f"cgq masked/unmasked must be >= 0, got {self.masked}, {self.unmasked}")
-        if self.unmasked_conf not in UNMASKED_CONF:
-            raise ValueError(f"cgq unmasked_conf must be one of {UNMASKED_CONF}, got {self.unmasked_conf!r}")
-
-
-def token_weights(calib, cfg: CGQConfig = CGQConfig()) -> torch.Tensor:
+def token_weights(calib, cfg: CGQOptions | None = None) -> torch.Tensor:
     """``w_t = g_t^2`` [N, L] for a CalibSet with ``confidence``, mean 1 over its real tokens."""
     if calib.confidence is None:
         raise ValueError("CGQ needs the FP model's confidences (calibration.confidences) on the calibration set")
+    cfg = cfg or CGQOptions()
     sc = calib.confidence.float()
     if cfg.unmasked_conf == "zero":
         sc = sc.masked_fill(~calib.masked, 0.0)

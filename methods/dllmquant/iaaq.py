@@ -13,50 +13,17 @@ and any rotation/quantization, the mask) are read from the block's own
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from qdlm_bench.quant.apply import install_kv_quantizers
 from qdlm_bench.quant.quantizer import fake_quant
+from qdlm_bench.quant.spec import QuantSpec
 from qdlm_bench.quant.walk import Batches, block_inputs, run_block
 
-
-@dataclasses.dataclass(frozen=True)
-class IAAQConfig:
-    """``method.iaaq_opts``: the alpha grid ``alpha_min, alpha_min + step, ..., alpha_max``."""
-
-    alpha_min: float = 0.8
-    alpha_max: float = 1.0
-    alpha_step: float = 0.01
-
-    def __post_init__(self):
-        if not (0 < self.alpha_min <= self.alpha_max and self.alpha_step > 0):
-            raise ValueError(f"iaaq needs 0 < alpha_min <= alpha_max and alpha_step > 0, got {self}")
-
-    def grid(self) -> torch.Tensor:
-        n = math.floor((self.alpha_max - self.alpha_min) / self.alpha_step + 1e-6)
-        return torch.cat([self.alpha_min + self.alpha_step * torch.arange(n, dtype=torch.float64),
-                          torch.tensor([self.alpha_max], dtype=torch.float64)]).unique().float()
-
-
-class VQuantizer(nn.Module):
-    """Per-token per-head asymmetric fake quantizer of V ``[B, H, L, hd]`` whose range is scaled by a
-    static ``alpha`` ``[H]``."""
-
-    def __init__(self, bits: int, alpha: torch.Tensor):
-        super().__init__()
-        self.bits = bits
-        self.register_buffer("alpha", alpha.float().clone())
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return fake_quant(v, self.bits, False, None, self.alpha.view(-1, 1, 1, 1))
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, heads={len(self.alpha)}"
+from . import IAAQOptions
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_mask=None, scale: float | None = None,
@@ -110,19 +77,20 @@ def _block_losses(block: nn.Module, x: torch.Tensor, ctx, w, bits: int, alphas: 
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, calib, bits: int, cfg: IAAQConfig = IAAQConfig(), batch_size: int = 8) -> dict:
-    """Search and install a ``VQuantizer`` in every block's ``v_quant``, block by block on ``calib``
-    (``input_ids``, optional ``attention_mask``; padded queries do not count). Returns
-    ``{"alphas": [per block [H_kv]], "losses": [per block [len(grid), H_kv]]}``."""
-    alphas = cfg.grid()
+def calibrate(model: nn.Module, calib, spec: QuantSpec, cfg: IAAQOptions | None = None, batch_size: int = 8) -> dict:
+    """Search every block's V alphas at ``spec.kv_bits``, block by block on ``calib`` (``input_ids``,
+    optional ``attention_mask``; padded queries do not count), installing each block's K/V
+    quantizers with its alphas (``quant.install_kv_quantizers``) before its outputs feed the next
+    block. Returns ``{"alphas": [per block [H_kv]], "losses": [per block [len(grid), H_kv]]}``."""
+    alphas = (cfg or IAAQOptions()).grid()
     batches = Batches(model, calib, batch_size, None)
     xs = block_inputs(model, calib.input_ids, batch_size)
     found, losses = [], []
     for block in model.blocks:
-        block.v_quant = nn.Identity()
-        loss = sum(_block_losses(block, xs[s], ctx, w, bits, alphas) for s, ctx, w in batches)
+        block.v_quant = nn.Identity()  # V in full precision while its errors are measured
+        loss = sum(_block_losses(block, xs[s], ctx, w, spec.kv_bits, alphas) for s, ctx, w in batches)
         best = alphas[loss.argmin(0)]
-        block.v_quant = VQuantizer(bits, best).to(xs.device)
+        install_kv_quantizers(block, spec, best)
         found.append(best)
         losses.append(loss)
         xs = run_block(block, xs, batches)

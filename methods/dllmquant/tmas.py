@@ -26,53 +26,21 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from qdlm_bench import calibration
 from qdlm_bench.calibration import CalibSet
-from qdlm_bench.diffusion import GenerationConfig, generate
-from qdlm_bench.diffusion import chunks as _chunks, pad_rows as _pad, pad_token_id as _pad_id
+from qdlm_bench.diffusion import chunks, generate, pad_rows, pad_token_id
+from qdlm_bench.generation import GenerationConfig
+
+if TYPE_CHECKING:
+    from . import TMASOptions
 
 log = logging.getLogger(__name__)
 
-SEGMENT_BY = ("mask_ratio", "block_step", "global_step")
-SAMPLING = ("quota", "uniform", "text")
 CACHE_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TMASConfig:
-    """What defines a TMAS set besides the prompts and the model (``method.tmas_opts``)."""
-
-    n_samples: int = 128
-    proportions: tuple[float, ...] = (0.3, 0.2, 0.2, 0.3)
-    segment_by: str = "mask_ratio"
-    sampling: str = "quota"
-    generation: dict = dataclasses.field(default_factory=lambda: {"gen_length": 128, "steps": 128, "block_length": 32})
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "proportions", tuple(float(p) for p in self.proportions))
-        object.__setattr__(self, "generation", dict(self.generation))
-        if self.n_samples < 1:
-            raise ValueError(f"tmas n_samples must be >= 1, got {self.n_samples}")
-        if self.segment_by not in SEGMENT_BY:
-            raise ValueError(f"tmas segment_by must be one of {SEGMENT_BY}, got {self.segment_by!r}")
-        if self.sampling not in SAMPLING:
-            raise ValueError(f"tmas sampling must be one of {SAMPLING}, got {self.sampling!r}")
-        p = self.proportions
-        if not p or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
-            raise ValueError(f"tmas proportions (one per segment) must be >= 0 and sum to 1, got {list(p)}")
-        try:
-            GenerationConfig(**self.generation)
-        except TypeError as err:
-            raise ValueError(f"tmas generation: {err}; valid keys: "
-                             f"{[f.name for f in dataclasses.fields(GenerationConfig)]}") from None
-
-    @property
-    def gen_config(self) -> GenerationConfig:
-        return GenerationConfig(**self.generation)
 
 
 @dataclasses.dataclass
@@ -121,8 +89,8 @@ class Trajectories:
             prompt = torch.tensor(self.prompts[p], dtype=torch.long)
             ids.append(torch.cat([prompt, self.gen[p].masked_fill(masked, mask_id)]))
             flags.append(torch.cat([torch.zeros_like(prompt, dtype=torch.bool), masked]))
-        ids, attn = _pad(ids, pad_id, left=True)
-        flags, _ = _pad(flags, False, left=True)
+        ids, attn = pad_rows(ids, pad_id, left=True)
+        flags, _ = pad_rows(flags, False, left=True)
         ratio = torch.stack([(self.passes[p] > c).float().mean() for p, c in snaps.tolist()])
         return CalibSet(ids, flags, ratio, attention_mask=attn)
 
@@ -134,7 +102,7 @@ def trajectories(model, prompts: list[list[int]], cfg: GenerationConfig, batch_s
     gen = torch.empty(len(prompts), cfg.gen_length, dtype=torch.long)
     passes = torch.empty_like(gen)
     mask_id = model.config.mask_token_id
-    for idx in _chunks(order, batch_size):
+    for idx in chunks(order, batch_size):
         # the first pass sees every generated position masked; each later one, what the step before left
         counts = torch.ones(len(idx), cfg.gen_length, dtype=torch.long, device=model.device)
 
@@ -200,7 +168,7 @@ def prompt_rows(calib: CalibSet) -> list[list[int]]:
     return [row[am.bool()].tolist() for row, am in zip(calib.input_ids, calib.attention_mask)]
 
 
-def build(model, prompts: CalibSet, cfg: TMASConfig, batch_size: int = 8,
+def build(model, prompts: CalibSet, cfg: TMASOptions, batch_size: int = 8,
           cache_dir: str | Path | None = ".cache/calib") -> CalibSet:
     """The TMAS calibration set of the (FP) ``model`` on the rows of ``prompts``, with confidences;
     loaded from ``cache_dir`` when built before (None: no cache)."""
@@ -225,7 +193,7 @@ def build(model, prompts: CalibSet, cfg: TMASConfig, batch_size: int = 8,
         chosen = snaps[idx]
         log.info("TMAS: %d snapshots of %d trajectories; drawn per segment (%s): %s", len(snaps), len(rows),
                  cfg.segment_by, torch.bincount(segments[idx], minlength=k).tolist())
-    calib = traj.rows(chosen, model.config.mask_token_id, _pad_id(model))
+    calib = traj.rows(chosen, model.config.mask_token_id, pad_token_id(model))
     calib = dataclasses.replace(calib, key=key, confidence=calibration.confidences(model, calib, batch_size))
     if file is not None:
         calibration.save(calib, file, cfg=dataclasses.asdict(cfg))

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from qdlm_bench.methods.quarot import quantize as quarot
+from qdlm_bench import methods
 from qdlm_bench.quant import QuantSpec
 
 from .common import bench_model, device_peak, forward_flops, parse_args, sync
@@ -64,7 +64,11 @@ def run(argv: list[str]) -> dict:
     fp = time_forward(model, ids, a["warmup"], a["repeats"])
     sync()
     start = time.perf_counter()
-    quarot(model, spec, None, {"weights": "rtn"})  # in place: one model in memory
+    quarot = methods.get("quarot")
+    state = methods.QuantState(model, spec)  # QuaRot with RTN weights reads no calibration set
+    with torch.no_grad():
+        for step in quarot.recipe(methods.build_options("quarot", {"weights": "rtn"})):
+            step(state)  # in place: one model in memory
     sync()
     quantize_s = time.perf_counter() - start
     q = time_forward(model, ids, a["warmup"], a["repeats"])

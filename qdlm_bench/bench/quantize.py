@@ -1,7 +1,10 @@
 """The quantization benchmark:
 
-    python -m qdlm_bench.bench quantize [method=gptq] [shape=llada-8b] [n_samples=128]
-        [seqlen=2048] [bits=w4a16g128] [batch_size=8] [seed=0] [out=bench.json]
+    python -m qdlm_bench.bench quantize [method=gptq] [method.<option>=<value> ...] [shape=llada-8b]
+        [n_samples=128] [seqlen=2048] [bits=w4a16g128] [batch_size=8] [seed=0] [out=bench.json]
+
+The method's options are built as a run builds them: ``conf/method/<method>.yaml`` with the
+``method.<option>`` overrides (and ``batch_size`` as the method's when it has one), validated.
 
 Quantizes a random-weight model of ``shape`` (bf16 on GPU, fp32 on CPU) with ``method`` on
 ``n_samples x seqlen`` random calibration tokens, and reports wall time and peak GPU memory.
@@ -13,11 +16,12 @@ LLaDA-8B with 128 x 2048 tokens: GPTQ <= 8 minutes, AWQ <= 10 minutes, peak <= 4
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
-from qdlm_bench import methods
+from qdlm_bench import analysis, methods, runspec
 from qdlm_bench.calibration import CalibSet
 from qdlm_bench.quant import QuantSpec
 from qdlm_bench.quant.walk import Batches, block_inputs, run_block
@@ -39,9 +43,14 @@ def forward_pass(model, calib: CalibSet, batch_size: int) -> float:
 
 
 def run(argv: list[str]) -> dict:
-    a = parse_args(argv, dict(method="gptq", shape="llada-8b", n_samples=128, seqlen=2048, bits="w4a16g128",
-                              batch_size=8, seed=0, out=""))
+    overrides = [x for x in argv if x.startswith("method.")]
+    a = parse_args([x for x in argv if x not in overrides], dict(
+        method="gptq", shape="llada-8b", n_samples=128, seqlen=2048, bits="w4a16g128", batch_size=8, seed=0, out=""))
     method = methods.get(a["method"])
+    if "batch_size" in methods.defaults(a["method"]):
+        overrides.insert(0, f"method.batch_size={a['batch_size']}")
+    cfg, _, _ = analysis.parse_args([f"method={a['method']}", *overrides], {})
+    _, opts, _ = runspec.method_options(cfg["method"])
     spec = QuantSpec.parse(a["bits"])
     model = bench_model(a["shape"], a["seed"])
     device, dtype = model.device.type, model.dtype
@@ -56,13 +65,13 @@ def run(argv: list[str]) -> dict:
         torch.cuda.reset_peak_memory_stats()
     sync()
     start = time.perf_counter()
-    info = method(model, spec, calib, {"batch_size": a["batch_size"]})
+    info = method(model, spec, calib, opts)
     sync()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     gpu, _ = device_peak()
     return {
-        "bench": "quantize", "args": a, "device": gpu, "dtype": str(dtype), "method_info": info,
+        "bench": "quantize", "args": a, "options": dataclasses.asdict(opts), "device": gpu, "dtype": str(dtype), "method_info": info,
         "model_gib": round(model_gib, 2),
         "quantize": {"seconds": round(seconds, 4), "minutes": round(seconds / 60, 2),
                      "peak_mem_gib": peak and round(peak, 2)},

@@ -25,6 +25,7 @@ import json
 import math
 
 import lm_eval
+from lm_eval.tasks import TaskManager
 
 from . import tasks as task_resolution
 from .adapter import DiffusionLMAdapter
@@ -102,7 +103,7 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
         model=DiffusionLMAdapter(model, tokenizer, settings), tasks=objs, limit=settings.limit,
         log_samples=settings.log_samples, apply_chat_template=chat, fewshot_as_multiturn=chat,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        confirm_run_unsafe_code=True, task_manager=task_resolution.TaskManager(include_defaults=False),
+        confirm_run_unsafe_code=True, task_manager=TaskManager(include_defaults=False),
     )
     out = {}
     for obj in objs:

@@ -1,28 +1,24 @@
-"""Quantization primitives shared by every method: spec, fake quantizers, QuantLinear, layer walk."""
+"""The shared core every method uses: QuantSpec, quantizers, QuantLinear and the activation/KV
+quantizers, the block walk and its statistics, Hadamard and rotation primitives, scale folding.
 
-from .apply import linear_layers, quantize_weights_rtn, quantized_layer_names, wrap_activations
-from .linear import ActQuantizer, QuantLinear
-from .quantizer import dequantize, fake_quant, int_codes, qrange, quant_params, quantize
-from .spec import VALID_FORMS, QuantSpec, QuantSpecError
+Names load on first use (``qdlm_bench.lazy``): ``from qdlm_bench.quant.spec import QuantSpec`` needs
+no torch, so the configuration check stays fast.
+"""
 
-__all__ = [
-    "ActQuantizer", "QuantLinear", "QuantSpec", "QuantSpecError", "VALID_FORMS", "dequantize", "fake_quant",
-    "int_codes", "linear_layers", "qrange", "quant_params", "quantize", "quantize_weights_rtn",
-    "quantized_layer_names", "wrap_activations",
-]
+from qdlm_bench.lazy import lazy_exports
 
-from .hadamard import OnlineHadamard, hadamard_matrix, hadamard_transform, random_signs  # noqa: E402
-from .rotation import (fuse_norms, hadamard_down_proj, quarot_rotate, rotate_heads, rotate_qk,  # noqa: E402
-                       rotate_residual)
-
-__all__ += [
-    "OnlineHadamard", "fuse_norms", "hadamard_down_proj", "hadamard_matrix", "hadamard_transform",
-    "quarot_rotate", "random_signs", "rotate_heads", "rotate_qk", "rotate_residual",
-]
-
-from .duquant import DuQuantTransform, OutlierStats, fit_transform  # noqa: E402
-from .smooth import ChannelMax, act_selection, smooth_block, smooth_scales  # noqa: E402
-from .spec import ACT_LAYER_NAMES  # noqa: E402
-
-__all__ += ["ACT_LAYER_NAMES", "ChannelMax", "DuQuantTransform", "OutlierStats", "act_selection", "fit_transform",
-            "smooth_block", "smooth_scales"]
+_EXPORTS = {
+    ".spec": ["ACT_LAYER_NAMES", "VALID_FORMS", "QuantSpec", "QuantSpecError"],
+    ".quantizer": ["dequantize", "fake_quant", "group", "int_codes", "qrange", "quant_params", "quantize", "ungroup"],
+    ".linear": ["ActQuantizer", "QuantLinear"],
+    ".apply": ["act_selection", "install_kv_quantizers", "install_quantizers", "linear_layers",
+               "quantize_weights_rtn", "quantized_layer_names", "targets"],
+    ".stats": ["ChannelMax", "TokenStats"],
+    ".walk": ["FEEDERS", "SUBSETS", "Batches", "block_inputs", "collect", "run_block", "walk_blocks"],
+    ".smooth": ["fold_scales", "smooth_block", "smooth_scales", "smoothable"],
+    ".hadamard": ["OnlineHadamard", "hadamard_factors", "hadamard_matrix", "hadamard_transform", "random_signs"],
+    ".rotation": ["BlockRotation", "apply_blocks", "fuse_norms", "hadamard_down_proj", "rotate_heads", "rotate_qk",
+                  "rotate_residual"],
+}
+__getattr__ = lazy_exports(__name__, {name: module for module, names in _EXPORTS.items() for name in names})
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -1,8 +1,9 @@
-"""Which layers get quantized, and the model-wide RTN / activation-wrapping passes."""
+"""Which layers get quantized (a spec's targets), the RTN pass, and the one place that installs the
+activation and KV quantizers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatch
 
 import torch
@@ -30,13 +31,32 @@ def linear_layers(model: nn.Module, exclude: Iterable[str] = (), include_lm_head
     return {n: m for n, m in layers.items() if not any(fnmatch(n, p) for p in exclude)}
 
 
-def quantize_weights_rtn(model: nn.Module, spec: QuantSpec, exclude: Iterable[str] = (),
-                         include_lm_head: bool = False) -> int:
-    """Round-to-nearest fake quantization of the selected weights, in place; returns the count."""
-    layers = linear_layers(model, exclude, include_lm_head)
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.weight.copy_(fake_quant(layer.weight, spec.w_bits, spec.w_sym, spec.group_size))
+def targets(model: nn.Module, spec: QuantSpec) -> dict[str, nn.Module]:
+    """The linears ``spec`` quantizes: every block linear not in ``spec.exclude``, plus the LM head
+    when ``spec.lm_head``."""
+    return linear_layers(model, spec.exclude, spec.lm_head)
+
+
+def act_selection(model: nn.Module, spec: QuantSpec, method: str):
+    """``(selected, wanted)`` for block ``i``: ``selected(i, name)`` - the linear is quantized;
+    ``wanted(i, name)`` - its input is quantized too. Raises when no activation is quantized."""
+    if spec.a_bits == 16:
+        raise ValueError(f"method {method!r} targets activation outliers and needs quantized activations "
+                         f"(e.g. w8a8, w4a4), got {spec.name}; use rtn/gptq/awq for weight-only runs")
+    names = set(targets(model, spec))
+
+    def selected(i, name):
+        return f"blocks.{i}.{name}" in names
+
+    return selected, lambda i, name: selected(i, name) and spec.quantizes_input(name)
+
+
+@torch.no_grad()
+def quantize_weights_rtn(model: nn.Module, spec: QuantSpec) -> int:
+    """Round-to-nearest fake quantization of the spec's target weights, in place; returns the count."""
+    layers = targets(model, spec)
+    for layer in layers.values():
+        layer.weight.copy_(fake_quant(layer.weight, spec.w_bits, spec.w_sym, spec.group_size))
     return len(layers)
 
 
@@ -45,21 +65,27 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def wrap_activations(model: nn.Module, spec: QuantSpec, exclude: Iterable[str] = (),
-                     include_lm_head: bool = False) -> int:
-    """Replace each selected linear by a ``QuantLinear`` for ``spec`` (re-wrapping keeps the
-    existing weights and input transform) whose input is quantized per token when
-    ``spec.quantizes_input(name)`` (``a_bits < 16`` and named in ``spec.act_layers``) and, when
-    ``spec.kv_bits < 16``, install per-token per-head asymmetric quantizers on K (after RoPE)
-    and V in every block. Returns the number of layers wrapped."""
-    layers = linear_layers(model, exclude, include_lm_head)
+def install_kv_quantizers(block: nn.Module, spec: QuantSpec, v_range: torch.Tensor | None = None) -> None:
+    """Per-token per-head asymmetric quantizers of K (after RoPE) and V in ``block`` when
+    ``spec.kv_bits < 16``; ``v_range`` ``[H_kv]``: a static per-head scale of V's range (IA-AQ)."""
+    if spec.kv_bits < 16:
+        device = block.attn_norm.weight.device
+        block.k_quant = ActQuantizer(spec.kv_bits)
+        block.v_quant = ActQuantizer(spec.kv_bits, head_range=v_range).to(device)
+
+
+def install_quantizers(model: nn.Module, spec: QuantSpec, v_range: Sequence[torch.Tensor] | None = None) -> int:
+    """The one place that installs activation and KV quantizers: every target linear becomes a
+    ``QuantLinear`` for ``spec`` (re-wrapping keeps its weights and input transform) whose input is
+    quantized per token when ``spec.quantizes_input(name)``, and every block gets its K/V quantizers
+    (``install_kv_quantizers``; ``v_range``: one per block, or None). Idempotent. Returns the number
+    of layers wrapped."""
+    layers = targets(model, spec)
     for name, layer in layers.items():
         transform = layer.input_transform if isinstance(layer, QuantLinear) else None
         _set_module(model, name, QuantLinear(layer, spec, transform, spec.quantizes_input(name)))
-    if spec.kv_bits < 16:
-        for block in model.blocks:
-            block.k_quant = ActQuantizer(spec.kv_bits)
-            block.v_quant = ActQuantizer(spec.kv_bits)
+    for i, block in enumerate(model.blocks):
+        install_kv_quantizers(block, spec, None if v_range is None else v_range[i])
     return len(layers)
 
 

@@ -11,17 +11,26 @@ from .spec import QuantSpec
 
 
 class ActQuantizer(nn.Module):
-    """Per-token dynamic fake quantizer over the last dim; the identity at 16 bits."""
+    """Per-token dynamic fake quantizer over the last dim; the identity at 16 bits.
 
-    def __init__(self, bits: int = 16, sym: bool = False, clip_ratio: float = 1.0):
+    ``head_range`` ``[H]`` (K/V ``[B, H, L, hd]`` only): a static per-head scale of each token's
+    range, used instead of ``clip_ratio`` (DLLMQuant's IA-AQ alphas)."""
+
+    def __init__(self, bits: int = 16, sym: bool = False, clip_ratio: float = 1.0,
+                 head_range: torch.Tensor | None = None):
         super().__init__()
         self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+        self.register_buffer("head_range", None if head_range is None else head_range.float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.bits >= 16 else fake_quant(x, self.bits, self.sym, None, self.clip_ratio)
+        if self.bits >= 16:
+            return x
+        ratio = self.clip_ratio if self.head_range is None else self.head_range.view(-1, 1, 1, 1)
+        return fake_quant(x, self.bits, self.sym, None, ratio)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}"
+        heads = "" if self.head_range is None else f", heads={len(self.head_range)}"
+        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}{heads}"
 
 
 class QuantLinear(nn.Module):

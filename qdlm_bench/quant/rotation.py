@@ -11,7 +11,10 @@ Weights are transformed in float32 a chunk at a time and written back in place.
 * ``rotate_heads``: a head-wise Hadamard on V (v_proj output, bias included) undone on o_proj's
   input, plus (``online``) a cross-head Hadamard computed on o_proj's input;
 * ``hadamard_down_proj``: an online Hadamard of size d_ff on down_proj's input;
-* ``rotate_qk``: Q and K rotated head-wise after RoPE (before the K quantizer).
+* ``rotate_qk``: Q and K rotated head-wise after RoPE (before the K quantizer);
+* ``BlockRotation``: an online block-diagonal rotation with a permutation (DuQuant's transform).
+
+QuaRot applies the first five (``methods/quarot.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hadamard import OnlineHadamard, hadamard_factors, hadamard_transform, random_signs
+from .hadamard import OnlineHadamard, hadamard_transform, random_signs
 from .linear import QuantLinear
 from .spec import QuantSpec
 
@@ -129,14 +132,32 @@ def rotate_qk(model) -> None:
         b.qk_rotate = OnlineHadamard(model.config.head_dim, 1, model.device, model.dtype)
 
 
-def quarot_rotate(model, seed: int = 0, online_heads: bool = True, qk: bool = True) -> None:
-    """Every QuaRot transform in order; Hadamard sizes are checked before anything changes."""
-    cfg = model.config
-    for n in {cfg.d_model, cfg.d_ff, cfg.head_dim} | ({cfg.n_heads} if online_heads else set()):
-        hadamard_factors(n)
-    fuse_norms(model)
-    rotate_residual(model, seed)
-    rotate_heads(model, online_heads)
-    hadamard_down_proj(model)
-    if qk:
-        rotate_qk(model)
+def apply_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ blockdiag(blocks)`` over the last dim of ``x`` ``[..., d]`` (zero-padded to whole
+    blocks and cut back, so a shorter last block acts on its own channels only), in float32 or
+    ``x``'s dtype if wider."""
+    n, b, _ = blocks.shape
+    d = x.shape[-1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = nn.functional.pad(x.to(dtype), (0, n * b - d)).unflatten(-1, (n, b))
+    return torch.einsum("...nb,nbc->...nc", x, blocks.to(dtype)).flatten(-2)[..., :d]
+
+
+class BlockRotation(nn.Module):
+    """The online input transform ``x -> ((x R1)[..., perm]) R2`` with block-diagonal rotations
+    ``R1``, ``R2`` ``[n, b, b]`` and a permutation (DuQuant's ``M = R1 P R2``): an orthogonal ``M``,
+    so a linear's weight rows take the same transform (``W -> W M``, ``transform(W)``). Computed in
+    float32, returned in the input's dtype."""
+
+    def __init__(self, r1: torch.Tensor, perm: torch.Tensor, r2: torch.Tensor):
+        super().__init__()
+        self.register_buffer("r1", r1)
+        self.register_buffer("perm", perm)
+        self.register_buffer("r2", r2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_blocks(apply_blocks(x, self.r1)[..., self.perm], self.r2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        n, b, _ = self.r1.shape
+        return f"dim={self.perm.numel()}, blocks={n}x{b}"

@@ -1,53 +1,39 @@
-"""Smoothing (SmoothQuant, Xiao et al., 2023) as reusable primitives: per-channel max|x|, scales, folding.
+"""Per-channel scales folded into the op that feeds a subset of linears: ``fold_scales`` (AWQ,
+smoothing) and the smoothing scales of SmoothQuant (Xiao et al., 2023), which SmoothQuant and
+DuQuant share.
 
 For linears sharing an input ``X`` (a ``walk.SUBSETS`` subset), ``s_j = max|X_j|^alpha /
 max|W_j|^(1 - alpha)`` (``max|W_j|`` over the rows of every linear of the subset) moves the
 quantization difficulty of outlier channels from the activations to the weights: the feeder
 (RMSNorm, or v_proj / up_proj) is divided by ``s`` and the subset's weight columns multiplied by
-it (``awq.fold_scales``), so the FP function is unchanged and the subset reads ``X / s``.
+it (``fold_scales``), so the FP function is unchanged and the subset reads ``X / s``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-from .apply import linear_layers
-from .awq import fold_scales
-from .spec import QuantSpec
 from .walk import FEEDERS, SUBSETS
 
 EPS = 1e-5
 
 
-class ChannelMax:
-    """A ``walk.collect`` statistic: per-channel max|x| over every token with a positive weight
-    (padding excluded), float32."""
-
-    def __init__(self, dim: int, device=None):
-        self.max = torch.zeros(dim, device=device)
-
-    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).float().abs()
-        if weights is not None:
-            x = x * (weights.reshape(-1, 1) > 0)
-        self.max = torch.maximum(self.max, x.amax(0))
-
-
-def act_selection(model: nn.Module, spec: QuantSpec, exclude: Iterable[str], method: str):
-    """``(selected, wanted)`` for block ``i``: ``selected(i, name)`` - the linear is quantized;
-    ``wanted(i, name)`` - its input is quantized too. Raises when no activation is quantized."""
-    if spec.a_bits == 16:
-        raise ValueError(f"method {method!r} targets activation outliers and needs quantized activations "
-                         f"(e.g. w8a8, w4a4), got {spec.name}; use rtn/gptq/awq for weight-only runs")
-    names = set(linear_layers(model, exclude))
-
-    def selected(i, name):
-        return f"blocks.{i}.{name}" in names
-
-    return selected, lambda i, name: selected(i, name) and spec.quantizes_input(name)
+@torch.no_grad()
+def fold_scales(feeder: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """Divide the feeder's output channels (RMSNorm weight, or a linear's rows and bias) by ``s``
+    and multiply the input columns of ``linears`` by ``s``, in place (FP function unchanged)."""
+    s = s.to(feeder.weight.device)
+    if isinstance(feeder, nn.Linear):
+        feeder.weight.div_(s.view(-1, 1).to(feeder.weight.dtype))
+        if feeder.bias is not None:
+            feeder.bias.div_(s.to(feeder.bias.dtype))
+    else:  # a norm with a per-channel weight
+        feeder.weight.div_(s.to(feeder.weight.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
 
 
 def smooth_scales(x_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:

@@ -11,9 +11,11 @@ The ``_sym`` / ``_asym`` suffix is about weights. Defaults, following common pra
   attention probabilities always stay in the model's dtype.
 
 ``name`` is the canonical bit string; it encodes every grammar field (the sym suffix only when
-it differs from the default) and re-parses to the same spec. ``a_sym``, ``a_clip_ratio`` and
-``act_layers`` are keyword options only: they are recorded with the run's quant config, not in
-the name; bad values raise a plain ``ValueError`` naming the option.
+it differs from the default) and re-parses to the same spec. ``a_sym``, ``a_clip_ratio``,
+``act_layers`` and the layer targets (``exclude``: fnmatch patterns of linears kept in full
+precision; ``lm_head``: quantize the LM head too) are keyword options only: they are recorded with
+the run's quant config, not in the name; bad values raise a plain ``ValueError`` naming the option.
+Torch-free: the configuration check parses specs without loading torch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
-from qdlm_bench.models.transformer import LINEAR_NAMES
+from qdlm_bench.models.config import LINEAR_NAMES
 
 VALID_FORMS = (
     "fp16 | bf16 | fp (no quantization), or w{2-8}a{4,8,16}[g{group}][_sym|_asym][kv{2-8}], "
@@ -54,6 +56,8 @@ class QuantSpec:
     a_clip_ratio: float = 1.0
     kv_bits: int = 16
     act_layers: tuple[str, ...] = LINEAR_NAMES  # linears (short names) whose inputs are quantized
+    exclude: tuple[str, ...] = ()  # fnmatch patterns of full linear names (blocks.3.q_proj) left in FP
+    lm_head: bool = False  # quantize the LM head too (embeddings always stay in full precision)
 
     def __post_init__(self):
         if self.group_size == -1:
@@ -78,6 +82,11 @@ class QuantSpec:
             raise ValueError(f"act_layers has unknown name(s) {unknown}; valid: {', '.join(ACT_LAYER_NAMES)}")
         object.__setattr__(self, "act_layers", tuple(n for n in ACT_LAYER_NAMES if n in layers))
         object.__setattr__(self, "a_clip_ratio", float(ratio))
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise ValueError(f"exclude must be a list of fnmatch patterns of linear names, got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.lm_head, bool):
+            raise ValueError(f"lm_head must be true or false, got {self.lm_head!r}")
 
     def _problem(self) -> str | None:
         if self.w_bits == 16:
@@ -127,6 +136,11 @@ class QuantSpec:
     def quantizes_input(self, linear: str) -> bool:
         """Whether the input of ``linear`` (``"q_proj"`` or a full name ``"blocks.3.q_proj"``) is quantized."""
         return self.a_bits < 16 and linear.rsplit(".", 1)[-1] in self.act_layers
+
+    def grammar_fields(self) -> dict:
+        """The parsed grammar fields (records store them, so reports never re-parse ``name``)."""
+        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "group_size": self.group_size,
+                "w_sym": self.w_sym, "kv_bits": self.kv_bits}
 
     @property
     def name(self) -> str:
