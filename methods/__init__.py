@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import json
 import pkgutil
 import typing
 from collections.abc import Callable, Mapping
@@ -168,9 +169,14 @@ def build_options(name: str, values: Mapping | None = None) -> Any:
     return opts
 
 
+def as_dict(opts: Any) -> dict:
+    """Options as plain JSON data (tuples become lists), as a record stores them."""
+    return json.loads(json.dumps(dataclasses.asdict(opts)))
+
+
 def defaults(name: str) -> dict:
-    """The default options of method ``name`` as a plain dict (what ``conf/method/<name>.yaml`` holds)."""
-    return dataclasses.asdict(get(name).options())
+    """The default options of method ``name`` (what ``conf/method/<name>.yaml`` holds)."""
+    return as_dict(get(name).options())
 
 
 for _mod in pkgutil.iter_modules(__path__):

@@ -7,7 +7,6 @@ until the last step (``device``/``dtype``), so a configuration error takes well 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 from dataclasses import dataclass
@@ -139,7 +138,7 @@ def method_options(method_cfg: dict) -> tuple[str, Any, str | None]:
 def build(cfg: dict) -> RunSpec:
     """Validate a resolved Hydra config (as a plain dict) into a RunSpec; raises ConfigError."""
     name, options, label = method_options(cfg["method"])
-    method = {"name": name, **dataclasses.asdict(options), **({"label": label} if label else {})}
+    method = {"name": name, **methods.as_dict(options), **({"label": label} if label else {})}
     quant = quant_spec("fp16" if name == "fp" else str(cfg["bits"]), dict(cfg["quant"]))
     if name != "fp" and quant.is_fp:
         raise ConfigError(f"method {name} quantizes, but bits={cfg['bits']} is full precision; "

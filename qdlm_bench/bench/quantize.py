@@ -16,7 +16,6 @@ LLaDA-8B with 128 x 2048 tokens: GPTQ <= 8 minutes, AWQ <= 10 minutes, peak <= 4
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -71,7 +70,7 @@ def run(argv: list[str]) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     gpu, _ = device_peak()
     return {
-        "bench": "quantize", "args": a, "options": dataclasses.asdict(opts), "device": gpu, "dtype": str(dtype), "method_info": info,
+        "bench": "quantize", "args": a, "options": methods.as_dict(opts), "device": gpu, "dtype": str(dtype), "method_info": info,
         "model_gib": round(model_gib, 2),
         "quantize": {"seconds": round(seconds, 4), "minutes": round(seconds / 60, 2),
                      "peak_mem_gib": peak and round(peak, 2)},
