@@ -26,7 +26,6 @@ from qdlm_bench import __version__
 from qdlm_bench.quant.spec import QuantSpec, QuantSpecError
 
 BASELINE_FIELDS = ("model", "tasks", "eval", "dtype", "seed")
-PRECISION_FIELDS = ("w_bits", "a_bits", "group_size", "w_sym", "kv_bits")
 _DERIVED = ("key", "baseline_key", "spec", "precision")  # new_record computes these; callers cannot set them
 RECORD_DEFAULTS: dict[str, Any] = {
     "sweep": None, "status": "done", "error": None, "metrics": {}, "timings": {}, "device": None,
@@ -61,12 +60,12 @@ def _name(section: Any) -> Any:
 
 
 def precision(spec: dict) -> dict:
-    """The bit fields (PRECISION_FIELDS) of ``QuantSpec.parse`` of the spec's bits; ``group_size``
+    """The bit fields (``QuantSpec.grammar_fields``) of the spec's bits, parsed; ``group_size``
     None = per output channel. An FP run (method "fp", or no bits) gets QuantSpec's full precision:
     w_bits = a_bits = kv_bits = 16, group_size None, w_sym False."""
     bits = (spec.get("quant") or {}).get("bits")
     quant = QuantSpec.parse("fp" if bits is None or _name(spec.get("method")) == "fp" else bits)
-    return {f: getattr(quant, f) for f in PRECISION_FIELDS}
+    return quant.grammar_fields()
 
 
 FP_PRECISION = precision({})
