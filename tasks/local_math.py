@@ -1,20 +1,29 @@
-"""MATH-500 scoring: answer extraction and a simple equivalence check (no network, no antlr).
+"""MATH-500 scoring as lm-eval's ``minerva_math500`` (0.4.13), with ``math-verify`` as the checker.
 
-The prompt is Minerva's 4-shot format (as lm-eval's ``minerva_math500``), whose examples end
-with "Final Answer: The final answer is X. I hope it is correct." The prediction is that X,
-else the last ``\\boxed{...}`` of the output. Predicted and gold answers are normalized
-(``normalize``: strip ``$``, ``\\left``/``\\right``, spacing commands, ``\\text{...}`` units,
-``\\dfrac`` -> ``\\frac``, trailing period...) and count as equal when the strings match, or,
-failing that, when both parse as plain numbers (integers, decimals, ``\\frac{a}{b}``, ``a/b``,
-percent, thousands separators) of equal value. Symbolic equivalence (``sqrt(2)/2`` vs
-``1/sqrt(2)``) is not attempted: it needs sympy's LaTeX parser (antlr) and timeouts, and the
-string match already covers MATH's canonical answers.
+The prompt is Minerva's 4-shot format, whose examples end with "Final Answer: The final answer is X.
+I hope it is correct." Two metrics, as lm-eval's:
+
+- ``exact_match``: X, found with lm-eval's regex (no such sentence: ``[invalidanswer]``, scored 0,
+  even where the generation has a ``\\boxed{}``), against the gold ``answer`` (the last ``\\boxed{}``
+  of the solution) by ``is_equiv``.
+- ``math_verify``: math-verify's answer extraction from the whole generation (last ``\\boxed{}``
+  first) against the whole gold solution, exactly as lm-eval.
+
+Deliberate difference: lm-eval's ``exact_match`` compares Minerva-normalized strings with sympy's
+LaTeX parser, which needs antlr4 4.11 while hydra-core 1.3 pins 4.9. ``is_equiv`` instead strips
+``\\$``, math delimiters, a box and a few unit words (``_bare``), then compares with math-verify
+(which ships a grammar for antlr4 4.9.3, drops ``\\text{}``, units, degrees, percent and thousands
+separators, and compares numbers, fractions, roots, intervals, sets, tuples, matrices and equations
+symbolically, under a 5 s signal-based timeout).
 """
 
 from __future__ import annotations
 
 import re
-from fractions import Fraction
+
+from math_verify import parse, verify
+
+INVALID = "[invalidanswer]"
 
 FEWSHOT = [  # Minerva's four examples (Lewkowycz et al. 2022), as lm-eval's minerva_math
     ("Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",
@@ -44,13 +53,18 @@ def fewshot_samples() -> list[dict]:
     return [{"problem": p, "solution": s, "few_shot": "1"} for p, s in FEWSHOT]
 
 
+def extract_answer(output: str) -> str:
+    """X of Minerva's "Final Answer: The final answer is X. I hope it is correct." (lm-eval's regex)."""
+    match = re.search(r"Final Answer: The final answer is(.*?). I hope it is correct.",
+                      output + "I hope it is correct.")
+    return match.group(1).strip() if match else INVALID
+
+
 def last_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
     brace = text.find("{", start)
-    if brace < 0:
+    if start < 0 or brace < 0:
         return None
     depth = 0
     for i in range(brace, len(text)):
@@ -60,56 +74,24 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(output: str) -> str | None:
-    """Minerva's "Final Answer: The final answer is X. I hope it is correct.", else the last box."""
-    match = re.search(r"Final Answer: The final answer is(.*?)\. I hope it is correct\.",
-                      output + " I hope it is correct.", re.S)
-    if match and match.group(1).strip():
-        return match.group(1).strip()
-    return last_boxed(output)
+def _bare(answer: str) -> str:
+    """The answer without ``\\$``, its math delimiters (the first ``$...$`` as Minerva) and box."""
+    s = answer.replace("\\$", "").replace("$$", "$")
+    s = re.sub(r"^.*?\$(.*?)\$.*$", r"\1", s, flags=re.S).replace("$", "")
+    boxed = last_boxed(s)  # unboxed here: math-verify cannot parse \boxed{10\%}
+    s = " ".join((s if boxed is None else boxed).split()).rstrip(".").rstrip()
+    return re.sub(r" (?:dollars?|integers|points)$", "", s)  # Minerva's unit words that math-verify keeps
 
 
-_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "$", "^\\circ", "^{\\circ}", "\\%", "%")
-
-
-def normalize(answer: str) -> str:
-    """A canonical string for a MATH answer (see the module docstring)."""
-    s = answer.strip()
-    boxed = last_boxed(s)
-    s = boxed if boxed is not None else s
-    s = re.sub(r"\\text\{\s*[a-zA-Z ]*(units?|degrees?|cm|inches|feet|meters|dollars|cents)\s*\}", "", s)
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{(.*?)\}", r"\1", s)
-    for token in _DROP:
-        s = s.replace(token, "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"^[a-zA-Z]\s*=", "", s)  # "x=5" -> "5"
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    return s
-
-
-def _number(s: str) -> Fraction | None:
-    match = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?)(\d+)/(\d+)", s)
-    try:
-        if match:
-            value = Fraction(int(match.group(2)), int(match.group(3)))
-            return -value if match.group(1) else value
-        return Fraction(s) if re.fullmatch(r"-?\d*\.?\d+", s) else None
-    except ZeroDivisionError:
-        return None
-
-
-def is_equiv(prediction: str | None, gold: str) -> bool:
-    if prediction is None:
+def is_equiv(prediction: str, gold: str) -> bool:
+    """Whether a final answer equals the gold one (LaTeX, ``$`` or ``\\boxed{}`` optional)."""
+    if prediction == INVALID:
         return False
-    a, b = normalize(prediction), normalize(gold)
-    if a == b:
-        return True
-    x, y = _number(a), _number(b)
-    return x is not None and x == y
+    a, b = _bare(prediction), _bare(gold)
+    return bool(a) and (a == b or verify(parse(f"${b}$"), parse(f"${a}$")))
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    return {"exact_match": int(is_equiv(extract_answer(results[0]), doc["answer"]))}
+    output = results[0]
+    return {"exact_match": int(is_equiv(extract_answer(output), doc["answer"])),
+            "math_verify": int(verify(parse(doc["solution"]), parse(output)))}
