@@ -184,10 +184,12 @@ def test_offline_scoring_accepts_reference_answers_and_rejects_wrong_ones():
         assert score(doc, ["def nothing():\n    pass\n"]) == {"pass@1": 0.0}
     docs, score = docs_and_scorer("math500_local")
     for doc in list(docs)[:20]:
-        assert score(doc, [doc["solution"]]) == {"exact_match": 1}  # its last \boxed{} is the answer
+        # a lone \boxed{}: [invalidanswer] for exact_match, as lm-eval's minerva_math500; math_verify reads the box
+        assert score(doc, [doc["solution"]]) == {"exact_match": 0, "math_verify": 1}
         final = f"blah\nFinal Answer: The final answer is ${doc['answer']}$. I hope it is correct."
-        assert score(doc, [final]) == {"exact_match": 1}
-        assert score(doc, ["Final Answer: The final answer is $-12345$. I hope it is correct."]) == {"exact_match": 0}
+        assert score(doc, [final]) == {"exact_match": 1, "math_verify": 1}
+        wrong = "Final Answer: The final answer is $-12345$. I hope it is correct."
+        assert score(doc, [wrong]) == {"exact_match": 0, "math_verify": 0}
 
 
 # ------------------------------------------------------------------------------- adapter

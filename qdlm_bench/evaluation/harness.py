@@ -6,8 +6,10 @@ Primary metrics (all of lm-eval's metrics are kept under "all"):
 |------------------------------------|------------------------------|----------------------------------------|
 | gsm8k                              | exact_match,flexible-extract | last number of the answer; robust to   |
 |                                    |                              | formats ("strict-match" needs "#### N")|
-| minerva_math, hendrycks_math,      | exact_match,none             | final answer vs gold (math500_local:   |
-| math500                            |                              | normalized / numeric equality)         |
+| minerva_math, hendrycks_math,      | exact_match,none             | the "Final Answer: ..." sentence vs    |
+| math500                            |                              | gold, as lm-eval's minerva_math500     |
+|                                    |                              | (math500_local: math-verify equality;  |
+|                                    |                              | its math_verify metric reads a box too)|
 | humaneval, mbpp                    | pass@1,none                  | executed tests (pass@1 of lm-eval too) |
 | arc_challenge, hellaswag           | acc_norm,none                | length-normalized, as commonly reported|
 | arc_easy, piqa, winogrande, mmlu   | acc,none                     | plain accuracy                         |
