@@ -1,47 +1,11 @@
-"""Hydra entry point: `python run.py` runs one study configuration; `-m` sweeps.
+"""Hydra entry point of a checkout: `python run.py` runs one study configuration; `-m` sweeps.
 
     python run.py -m method=fp,rtn bits=w4a16,w8a8
+
+The same as the installed `qdlm-bench` command (qdlm_bench.cli).
 """
 
-from __future__ import annotations
-
-import logging
-import sys
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-
-from qdlm_bench import pipeline
-from qdlm_bench.runspec import ConfigError
-from qdlm_bench.sweep_report import JOB_RECORD
-
-log = logging.getLogger("qdlm_bench")
-
-
-def sweep_name(cfg: DictConfig) -> str | None:
-    """The configured sweep name, else the multirun folder's name (None for a single run)."""
-    if cfg.sweep:
-        return str(cfg.sweep)
-    hc = HydraConfig.get()
-    return hc.sweep.dir.rstrip("/").split("/")[-1] if hc.mode == RunMode.MULTIRUN else None
-
-
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        record = pipeline.run(plain, store_root=cfg.store, force=cfg.force, sweep=sweep_name(cfg),
-                              wandb_cfg=plain["wandb"] | {"group": sweep_name(cfg)})
-    except ConfigError as err:
-        log.error("invalid configuration: %s", err)
-        sys.exit(2)
-    Path(HydraConfig.get().runtime.output_dir, JOB_RECORD).write_text(record["key"])  # for the sweep report
-    summary = ", ".join(f"{task} {m['metric']}={m['value']:.4f}" for task, m in record["metrics"].items())
-    log.info("%s | %s | %s | %s", record["model"], record["method"], record["bits"], summary or record["status"])
-
+from qdlm_bench.cli import main
 
 if __name__ == "__main__":
     main()

@@ -19,10 +19,9 @@ from omegaconf import OmegaConf
 
 from qdlm_bench import calibration, pipeline, runspec
 from qdlm_bench.models.factory import load_fp_model
+from qdlm_bench.paths import CONF_DIR
 from qdlm_bench.report import slug
 from qdlm_bench.tracking import WandbLogger
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def parse_args(argv: list[str], options: dict) -> tuple[dict, dict, bool]:

@@ -3,7 +3,8 @@ when wandb is on, log it to the sweep's wandb group.
 
 A sweep's records are those its jobs produced or found already done (each job leaves the key of
 its record in its output folder, ``JOB_RECORD``), plus every record stamped with the sweep's name
-(earlier, interrupted invocations of a named sweep)."""
+(earlier, interrupted invocations of a named sweep). Hydra loads this callback for every run, so
+the report's imports (pandas) wait until a sweep ends."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from qdlm_bench import report
 from qdlm_bench.store import ResultStore
 from qdlm_bench.tracking import WandbLogger
 
@@ -31,6 +31,8 @@ def sweep_records(store: ResultStore, sweep_dir: Path, name: str) -> list[dict]:
 
 class PrintSweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from qdlm_bench import report
+
         name = config.sweep or config.hydra.sweep.dir.rstrip("/").split("/")[-1]
         store = ResultStore(config.store)
         records = report.with_baselines(sweep_records(store, Path(config.hydra.sweep.dir), str(name)), store)

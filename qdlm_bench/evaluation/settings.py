@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from qdlm_bench.diffusion import GenerationConfig
+from qdlm_bench.generation import GenerationConfig
 
 GENERATION_KEYS = frozenset(f.name for f in fields(GenerationConfig))
 TASK_KEYS = GENERATION_KEYS | {"mc_num", "max_length"}
