@@ -11,11 +11,17 @@ block's inputs (the outputs of the already-quantized previous blocks):
   search never does worse than RTN on its own loss);
 * folding: every subset's scales are folded (``quant.fold_scales``: the feeder divided by ``s``, the
   subset's weight columns multiplied by it; the FP function is unchanged);
-* clip search (q/k skipped, as the reference): per output channel group, shrink the quantization
-  range by ratios in ``[1, 1 - max_shrink]`` and keep the one minimizing that group's output
-  error on sampled tokens; then every target linear is fake-quantized.
+* clip search (q/k skipped, as the reference): per output channel group, clamp the weights to
+  ``±r max|w|`` for ``r = 1 - i / n_grid``, ``i < max_shrink n_grid`` (1, 0.95, .., 0.55) and keep
+  the ``r`` minimizing that group's output error on sampled tokens; then every target linear is
+  clamped and fake-quantized.
 
-Every loss takes optional per-token weights ``[T]`` (padding masks, DLLMQuant's CGQ).
+Grid (``GRID``): the reference's asymmetric ``pseudo_quantize_tensor`` (``awq/quantize/quantizer.py``)
+is the shared asymmetric grid for every group holding both signs (a one-signed group, which the
+reference maps onto its own min..max and ours onto a range including 0, does not occur in real
+weights); its symmetric branch is unused there ("we actually never used this"), so symmetric
+weights follow GPTQ/AutoGPTQ's grid, as RTN's and GPTQ's. Every loss takes optional per-token
+weights ``[T]`` (padding masks, DLLMQuant's CGQ).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from . import options, register
 torch = lazy_import("torch")
 
 NO_CLIP = ("q_proj", "k_proj")
+GRID = "gptq"
 
 
 @options
@@ -68,7 +75,7 @@ def search_scale(weights: list[torch.Tensor], x: torch.Tensor, x_mean: torch.Ten
         alpha = i / n_grid
         s = x_mean.float().pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        deltas = [quant.fake_quant(w * s, bits, sym, group_size) / s - w for w in ws]
+        deltas = [quant.fake_quant(w * s, bits, sym, group_size, grid=GRID) / s - w for w in ws]
         loss = _out_error(ws, deltas, x, token_weight)
         losses.append(loss)
         if loss < best[0]:
@@ -84,12 +91,19 @@ def _group_errors(w: torch.Tensor, q: torch.Tensor, xg: torch.Tensor, tw: torch.
     return (out.pow(2) @ tw).T  # [out, G]
 
 
+def _clamped_quant(wg: torch.Tensor, bits: int, sym: bool, ratio) -> torch.Tensor:
+    """Grouped ``wg`` ``[..., gs]`` clamped to ``±ratio max|wg|`` per group (the reference's
+    ``apply_clip``), then fake-quantized per group."""
+    m = wg.abs().amax(-1, keepdim=True) * ratio
+    return quant.fake_quant(wg.clamp(-m, m), bits, sym, None, grid=GRID)
+
+
 @no_grad
 def search_clip(W: torch.Tensor, x: torch.Tensor, bits: int, sym: bool, group_size: int | None,
                 n_grid: int = 20, max_shrink: float = 0.5, token_weight: torch.Tensor | None = None,
                 max_tokens: int = 512, oc_batch: int = 256):
     """Per-group clip ratios for ``W`` ``[out, d]`` reading ``x`` ``[T, d]`` (``max_tokens`` of them,
-    evenly strided). Returns ``(ratios [out, n_groups, 1] for fake_quant's clip_ratio, info)`` with
+    evenly strided). Returns ``(ratios [out, n_groups, 1] for quantize_clipped, info)`` with
     ``info = {"loss": chosen summed per-group error, "loss_noclip": the same at ratio 1}``."""
     stride = max(1, math.ceil(len(x) / max_tokens))
     x = x[::stride].float()
@@ -97,14 +111,14 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, bits: int, sym: bool, group_si
     tw = tw / tw.sum().clamp(min=1e-12)
     xg = quant.group(x, group_size)
     wg_all = quant.group(W, group_size)
-    ratios_grid = torch.linspace(1.0, 1.0 - max_shrink, n_grid).tolist()
+    ratios_grid = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
     best_r, best_e, noclip = [], [], []
     for o in range(0, W.shape[0], oc_batch):
         wg = wg_all[o:o + oc_batch]
         err_best = torch.full(wg.shape[:2], float("inf"), device=W.device)
         r_best = torch.ones(wg.shape[:2], device=W.device)
-        for r in ratios_grid:  # fake_quant on grouped [out, G, gs] with group_size=None: per group
-            err = _group_errors(wg, quant.fake_quant(wg, bits, sym, None, r), xg, tw)
+        for r in ratios_grid:
+            err = _group_errors(wg, _clamped_quant(wg, bits, sym, r), xg, tw)
             if r == 1.0:
                 noclip.append(err.sum())
             better = err < err_best
@@ -118,11 +132,11 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, bits: int, sym: bool, group_si
 
 def quantize_clipped(W: torch.Tensor, bits: int, sym: bool, group_size: int | None,
                      ratios: torch.Tensor | None = None) -> torch.Tensor:
-    """``fake_quant`` with per-group clip ratios ``[out, n_groups, 1]`` (from ``search_clip``)."""
+    """AWQ's fake quantization of ``W``, clamped by per-group clip ratios ``[out, n_groups, 1]``
+    (from ``search_clip``) when given."""
     if ratios is None:
-        return quant.fake_quant(W, bits, sym, group_size)
-    g = quant.group(W, group_size)
-    return quant.ungroup(quant.fake_quant(g, bits, sym, None, ratios.unsqueeze(-1)), W.shape[-1]).to(W.dtype)
+        return quant.fake_quant(W, bits, sym, group_size, grid=GRID)
+    return quant.ungroup(_clamped_quant(quant.group(W, group_size), bits, sym, ratios), W.shape[-1]).to(W.dtype)
 
 
 @no_grad

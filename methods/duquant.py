@@ -13,6 +13,15 @@ each subset whose input is quantized (``a < 16`` and named in ``quant.act_layers
 3. weights round-to-nearest with clip ratio ``swc`` (null = none); activations per-token with clip
    ratio ``lac`` (null = ``quant.act_clip_ratio``; otherwise setting both is an error).
 
+Grid (``GRID``; weights, activations and K/V alike): the reference's ``UniformAffineQuantizer``
+(Hsu1023/DuQuant ``quantize/quantizer.py``, ``per_token_dynamic_calibration`` / ``fake_quant``):
+the range ``[min x, max x]`` (0 not included) times the clip ratio; symmetric
+``max|x| / (2^(b-1) - 1)`` with the extra code positive. Clipping as the reference: fixed ratios
+``swc`` / ``lac`` on both ends, no search; its learned clipping (``--lwc``, which needs training
+epochs; a set ``swc`` takes precedence in its quantizer, as in its run script) is not implemented.
+The reference quantizes K/V without ``lac``, activations always asymmetric and weights asymmetric
+unless ``--symmetric``; here the spec's sym/asym choices stand.
+
 The transform (convention: row vectors, ``x -> x M``):
 
 * ``R1``, ``R2``: block-diagonal rotations (blocks of ``block_size`` channels, the last block
@@ -41,6 +50,7 @@ from . import options, register
 torch = lazy_import("torch")
 
 Ratio = Annotated[float, Field(gt=0, le=1)]
+GRID = "duquant"
 
 
 @options
@@ -202,8 +212,8 @@ def transform_block(block, stats: dict, alpha: float, selected, wanted, block_si
 
 @register("duquant", DuQuantOptions, calibration=True)
 def quantize_weights(state, opts: DuQuantOptions) -> dict:
-    """Transform and round the target weights; sets the activation clip ratio ``lac`` on
-    ``state.spec`` for ``install_quantizers``."""
+    """Transform and round the target weights; sets DuQuant's grid and the activation clip ratio
+    ``lac`` on ``state.spec`` for ``install_quantizers``."""
     spec = state.spec
     selected, wanted = quant.act_selection(state.model, spec, "duquant")
     if spec.a_clip_ratio != 1.0 and opts.lac is not None:
@@ -221,13 +231,12 @@ def quantize_weights(state, opts: DuQuantOptions) -> dict:
             if selected(i, name):
                 layer = getattr(block, name)
                 layer.weight.copy_(quant.fake_quant(layer.weight, spec.w_bits, spec.w_sym, spec.group_size,
-                                                    opts.swc or 1.0))
+                                                    opts.swc or 1.0, GRID))
                 done.append(f"blocks.{i}.{name}")
 
     quant.walk_blocks(state.model, state.calib, fn,
                       lambda layer: OutlierStats(layer.in_features, total, opts.max_tokens, opts.n_peak,
                                                  layer.weight.device),
                       batch_size=opts.batch_size, true_sequential=False)
-    if opts.lac is not None:
-        state.spec = dataclasses.replace(spec, a_clip_ratio=opts.lac)
+    state.spec = dataclasses.replace(spec, a_grid=GRID, a_clip_ratio=opts.lac or spec.a_clip_ratio)
     return {"layers": len(done), "transformed": len(transformed)}

@@ -4,12 +4,15 @@ Quantizes every target linear of every block (q/k/v included), weights only; act
 quantized afterwards by the recipe's ``install_quantizers`` when ``a < 16``, as RTN. Runs in the
 model's dtype with Hessians in float32. Biases (Dream's q/k/v) are left untouched.
 
-The solver follows the reference implementation (IST-DASLab ``gptq.py``, ``fasterquant``): dead
-columns, dampening ``damp * mean(diag H)`` (raised x10 when Cholesky fails), Cholesky of ``H^-1``,
-lazy batch updates over blocks of columns, group parameters computed when a group starts from the
-current (error-updated) weights, act-order with optional static groups. The grid is the core
-quantizer's. Token weights in ``Hessian.add`` let weighted variants (DLLMQuant's CGQ) reuse it; the
-linears that share an input (and so a Hessian) are solved as one stacked matrix.
+The solver follows the reference implementation (IST-DASLab ``gptq.py``, ``fasterquant``; AutoGPTQ's
+is the same): dead columns, dampening ``damp * mean(diag H)`` (raised x10 when Cholesky fails),
+Cholesky of ``H^-1``, lazy batch updates over blocks of columns, act-order with optional static
+groups. Per-row parameters come from the weights as given; a group's, when the group starts, from
+the full matrix ``W``, which the lazy batch update changes only after each block: the weights as
+they stood when the group's block started. The grid is GPTQ's (``quant.quantizer``, ``"gptq"``:
+symmetric over all ``2^b`` codes); QuaRot passes its own. Token weights in ``Hessian.add`` let
+weighted variants (DLLMQuant's CGQ) reuse it; the linears that share an input (and so a Hessian)
+are solved as one stacked matrix.
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ def _hinv_cholesky(H: torch.Tensor, damp: float, max_damp: float, name: str):
 @no_grad
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool, group_size: int | None = None,
                   block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                  static_groups: bool = False, max_damp: float = 1.0, name: str = "layer"):
-    """Quantize ``W`` ``[out, in]`` against the input Hessian ``H`` ``[in, in]`` (neither is modified).
+                  static_groups: bool = False, max_damp: float = 1.0, name: str = "layer", grid: str = "gptq"):
+    """Quantize ``W`` ``[out, in]`` on ``grid`` against the input Hessian ``H`` ``[in, in]`` (neither is modified).
 
     Returns ``(Q, info)``: the dequantized weights (``W``'s shape, dtype and column order) and
     ``{"damp": damp used, "loss": the reference's summed error, "dead": dead columns}``.
@@ -87,17 +90,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool, group_
     """
     dtype, cols = W.dtype, W.shape[1]
     W, H = W.float().clone(), H.float().clone()
+
+    def params(w):
+        return quant.quant_params(w, bits, sym, grid=grid)
+
+    gs = group_size
+    if gs is None:  # before dead columns are zeroed, as the reference
+        scale, zero = params(W)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-
-    def params(w):
-        return quant.quant_params(w, bits, sym)
-
-    gs = group_size
-    if gs is None:
-        scale, zero = params(W)
-    elif static_groups:
+    if gs is not None and static_groups:
         groups = [params(W[:, i:i + gs]) for i in range(0, cols, gs)]
 
     perm = torch.arange(cols, device=W.device)
@@ -117,10 +120,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool, group_
             if gs is not None:
                 if static_groups:
                     scale, zero = groups[int(perm[col]) // gs]
-                elif col % gs == 0:  # current weights: the rest of this block, then later columns
-                    scale, zero = params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs])
+                elif col % gs == 0:  # W as it stood when this block started (updated after each block)
+                    scale, zero = params(W[:, col:col + gs])
             w, d = W1[:, i], Hinv1[i, i]
-            q = quant.dequantize(quant.quantize(w[:, None], scale, zero, bits, sym), scale, zero)[:, 0]
+            q = quant.dequantize(quant.quantize(w[:, None], scale, zero, bits, sym, grid), scale, zero)[:, 0]
             Q[:, col] = q
             err = (w - q) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
@@ -145,12 +148,13 @@ class InputHessian(Hessian):
 
 
 @register("gptq", GPTQOptions, calibration=True)
-def quantize_weights(state, opts: GPTQOptions) -> dict:
-    """GPTQ the target weights of ``state.model`` in place, block by block on ``state.calib`` (its
-    ``token_weights`` weigh the Hessians); returns ``{"layers": count, "max_damp": largest damp}``."""
+def quantize_weights(state, opts: GPTQOptions, grid: str = "gptq") -> dict:
+    """GPTQ the target weights of ``state.model`` in place on ``grid`` (compositions pass their
+    reference's), block by block on ``state.calib`` (its ``token_weights`` weigh the Hessians);
+    returns ``{"layers": count, "max_damp": largest damp}``."""
     selected = set(quant.targets(state.model, state.spec))
     spec, solver = state.spec, dict(block_size=opts.block_size, damp=opts.damp, act_order=opts.act_order,
-                                    static_groups=opts.static_groups)
+                                    static_groups=opts.static_groups, grid=grid)
     done, damps = [], []
 
     def fn(i, block, stats):

@@ -7,6 +7,14 @@ an online Hadamard on down_proj's input, and Q/K rotated after RoPE when K is qu
 ``quarot`` (``recipes.py``) then quantizes the weights by GPTQ on the rotated model (Hessians of the
 transformed inputs) or RTN, and installs the activation and K/V quantizers. Embeddings and the LM
 head stay in full precision.
+
+Grids follow the reference (spcl/QuaRot ``fake_quant/quant_utils.py``): weights by
+``WeightQuantizer`` (the GPTQ and RTN paths alike), symmetric ``max|w| / (2^(b-1) - 1)``
+(``GRID``), activations and K/V by ``ActQuantizer``, the same grid (``a_grid``'s default) in both
+the symmetric and the asymmetric case. Clipping as the reference's defaults: no weight clipping
+(its ``--w_clip`` MSE search over shrunk ranges is not implemented), activations by
+``quant.act_clip_ratio`` (its ``--a_clip_ratio``), K/V unclipped (its ``--k_clip_ratio`` /
+``--v_clip_ratio`` of 1).
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 from qdlm_bench import quant
 
 from . import options
+
+GRID = "absmax"  # QuaRot's WeightQuantizer
 
 
 @options

@@ -21,9 +21,9 @@ class QuaRotOptions(gptq.GPTQOptions, quarot.RotationOptions):
 
 
 def quarot_weights(opts: QuaRotOptions) -> list:
-    """Rotate, then quantize the weights (GPTQ on the rotated model's inputs, or RTN)."""
+    """Rotate, then quantize the weights (GPTQ on the rotated model's inputs, or RTN) on QuaRot's grid."""
     weights = gptq.quantize_weights if opts.weights == "gptq" else rtn.round_weights
-    return [partial(quarot.rotate, opts=opts), partial(weights, opts=opts)]
+    return [partial(quarot.rotate, opts=opts), partial(weights, opts=opts, grid=quarot.GRID)]
 
 
 # DLLMQuant's bases: their options class and weight steps

@@ -6,6 +6,12 @@ per-channel max|x| of each subset's input gives ``s = max|x|^alpha / max|W|^(1-a
 mlp_norm -> gate/up and up_proj -> down_proj, for the subsets whose input is quantized
 (``a < 16`` and named in ``quant.act_layers``). Weights are then round-to-nearest (per channel,
 or per the spec's group), activations per-token dynamic (``install_quantizers``).
+
+Grid (``GRID``): the reference's (mit-han-lab/smoothquant ``smoothquant/fake_quant.py``,
+``quantize_weight_per_channel_absmax`` / ``quantize_activation_per_token_absmax``): symmetric
+``max|x| / (2^(b-1) - 1)``, no clipping, for weights and activations alike. The reference has no
+asymmetric case; the spec's defaults (symmetric weights, asymmetric activations) and its
+``_asym`` / ``quant.act_sym`` choices stand, asymmetric on the shared grid.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from pydantic import Field
 from qdlm_bench import quant
 
 from . import options, register
+
+GRID = "absmax"
 
 
 @options
@@ -39,7 +47,7 @@ def quantize_weights(state, opts: SmoothQuantOptions) -> dict:
         for name in stats:
             if selected(i, name):
                 layer = getattr(block, name)
-                layer.weight.copy_(quant.fake_quant(layer.weight, spec.w_bits, spec.w_sym, spec.group_size))
+                layer.weight.copy_(quant.fake_quant(layer.weight, spec.w_bits, spec.w_sym, spec.group_size, grid=GRID))
                 done.append(f"blocks.{i}.{name}")
 
     quant.walk_blocks(state.model, state.calib, fn, lambda layer: quant.ChannelMax(layer.in_features, layer.weight.device),

@@ -5,9 +5,9 @@
 
 Every linear of every block sees the FP model's inputs of two sets: the run's calibration set
 (``calib``, what GPTQ fits) and a held-out set (``heldout``: any calibration source, same
-n_samples and seqlen). Each weight is quantized alone, by RTN and by GPTQ with the Hessian of
-its fit inputs (FP inputs, no error carried between layers, so layers compare one to one), and
-its relative output error ``||X (Q - W)^T|| / ||X W^T||`` is measured on both sets. It needs
+n_samples and seqlen). Each weight is quantized alone, by RTN and by GPTQ (on GPTQ's grid, as the
+methods) with the Hessian of its fit inputs (FP inputs, no error carried between layers, so layers
+compare one to one), and its relative output error ``||X (Q - W)^T|| / ||X W^T||`` is measured on both sets. It needs
 only each input's Gram matrix, so memory is one ``d x d`` matrix per linear and set.
 Shows whether GPTQ's gain carries over from its calibration text to other inputs.
 """
@@ -62,7 +62,7 @@ def layer_errors(model, spec, fit: dict, held: dict, opts=None) -> list[dict]:
     rows = []
     for name, layer in linear_layers(model).items():
         W = layer.weight.data
-        rtn = fake_quant(W, spec.w_bits, spec.w_sym, spec.group_size)
+        rtn = fake_quant(W, spec.w_bits, spec.w_sym, spec.group_size, grid="gptq")  # as methods/rtn.py
         gptq, _ = gptq_quantize(W, fit[name], spec.w_bits, spec.w_sym, spec.group_size, name=name, **solver)
         rows.append({"layer": name, **{f"{q}_{s}": relative_error(W, Q, g) for q, Q in (("rtn", rtn), ("gptq", gptq))
                                        for s, g in (("fit", fit[name]), ("heldout", held[name]))}})

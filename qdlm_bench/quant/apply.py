@@ -52,11 +52,12 @@ def act_selection(model: nn.Module, spec: QuantSpec, method: str):
 
 
 @torch.no_grad()
-def quantize_weights_rtn(model: nn.Module, spec: QuantSpec) -> int:
-    """Round-to-nearest fake quantization of the spec's target weights, in place; returns the count."""
+def quantize_weights_rtn(model: nn.Module, spec: QuantSpec, grid: str) -> int:
+    """Round-to-nearest fake quantization of the spec's target weights on ``grid``, in place;
+    returns the count."""
     layers = targets(model, spec)
     for layer in layers.values():
-        layer.weight.copy_(fake_quant(layer.weight, spec.w_bits, spec.w_sym, spec.group_size))
+        layer.weight.copy_(fake_quant(layer.weight, spec.w_bits, spec.w_sym, spec.group_size, grid=grid))
     return len(layers)
 
 
@@ -66,12 +67,12 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def install_kv_quantizers(block: nn.Module, spec: QuantSpec, v_range: torch.Tensor | None = None) -> None:
-    """Per-token per-head asymmetric quantizers of K (after RoPE) and V in ``block`` when
-    ``spec.kv_bits < 16``; ``v_range`` ``[H_kv]``: a static per-head scale of V's range (IA-AQ)."""
+    """Per-token per-head asymmetric quantizers of K (after RoPE) and V on ``spec.a_grid`` in ``block``
+    when ``spec.kv_bits < 16``; ``v_range`` ``[H_kv]``: a static per-head scale of V's range (IA-AQ)."""
     if spec.kv_bits < 16:
         device = block.attn_norm.weight.device
-        block.k_quant = ActQuantizer(spec.kv_bits)
-        block.v_quant = ActQuantizer(spec.kv_bits, head_range=v_range).to(device)
+        block.k_quant = ActQuantizer(spec.kv_bits, grid=spec.a_grid)
+        block.v_quant = ActQuantizer(spec.kv_bits, head_range=v_range, grid=spec.a_grid).to(device)
 
 
 def install_quantizers(model: nn.Module, spec: QuantSpec, v_range: Sequence[torch.Tensor] | None = None) -> int:

@@ -8,7 +8,10 @@ The ``_sym`` / ``_asym`` suffix is about weights. Defaults, following common pra
 * activations: per-token dynamic, asymmetric (``a_sym=False``), no clipping (``a_clip_ratio=1``),
   on the inputs of the linears named in ``act_layers`` (default: all seven of every block);
 * KV cache: 16 bits unless ``kv{bits}`` is given (per-token per-head, asymmetric, K after RoPE);
-  attention probabilities always stay in the model's dtype.
+  attention probabilities always stay in the model's dtype;
+* grids (``GRIDS``, ``quant.quantizer``): each method passes its reference's weight grid; ``a_grid``
+  is the activation and KV quantizers' (``"absmax"``; a method whose reference differs sets it
+  on the spec, as DuQuant does: the method determines it, so it is no run option).
 
 ``name`` is the canonical bit string; it encodes every grammar field (the sym suffix only when
 it differs from the default) and re-parses to the same spec. ``a_sym``, ``a_clip_ratio``,
@@ -34,6 +37,7 @@ _PATTERN = re.compile(r"w(\d+)a(\d+)(?:g(\d+))?(?:_(sym|asym))?(?:kv(\d+))?")
 _LOW_BITS = range(2, 9)
 _A_BITS = (4, 8, 16)
 ACT_LAYER_NAMES = (*LINEAR_NAMES, "lm_head")  # lm_head counts only where a method quantizes it
+GRIDS = ("absmax", "gptq", "duquant")  # the quantizer's grids (quant.quantizer)
 
 
 class QuantSpecError(ValueError):
@@ -54,6 +58,7 @@ class QuantSpec:
     w_sym: bool | None = None  # None -> default: asym weight-only, sym when a_bits < 16
     a_sym: bool = False
     a_clip_ratio: float = 1.0
+    a_grid: str = "absmax"  # grid of the activation and KV quantizers
     kv_bits: int = 16
     act_layers: tuple[str, ...] = LINEAR_NAMES  # linears (short names) whose inputs are quantized
     exclude: tuple[str, ...] = ()  # fnmatch patterns of full linear names (blocks.3.q_proj) left in FP
@@ -75,6 +80,8 @@ class QuantSpec:
         ratio, layers = self.a_clip_ratio, self.act_layers
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"a_clip_ratio must be a number in (0, 1], got {ratio!r}")
+        if self.a_grid not in GRIDS:
+            raise ValueError(f"a_grid must be one of {', '.join(GRIDS)}, got {self.a_grid!r}")
         if isinstance(layers, str) or not all(isinstance(n, str) for n in layers) or not layers:
             raise ValueError(f"act_layers must be a non-empty list of linear names, got {layers!r}")
         unknown = sorted(set(layers) - set(ACT_LAYER_NAMES))
