@@ -122,7 +122,7 @@ def quant_spec(bits: str, quant_cfg: dict) -> QuantSpec:
     except QuantSpecError as err:
         raise ConfigError(str(err)) from None
     except ValueError as err:  # a quant: option
-        raise ConfigError(f"quant.* ({', '.join(QUANT_OPTIONS)}): {err}") from None
+        raise ConfigError(f"quant options (quant.act_*, quant.exclude, quant.lm_head): {err}") from None
 
 
 def method_options(method_cfg: dict) -> tuple[str, Any, str | None]:
