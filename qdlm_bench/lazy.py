@@ -1,9 +1,9 @@
 """Lazy imports, so that the configuration check and the method registry never load torch (2-5 s on a
 2-core CPU): a bad option fails in well under 3 s, and torch loads on first use.
 
-``lazy_import("torch")`` returns a module that loads on its first attribute access (the standard
-library's ``importlib.util.LazyLoader``); ``lazy_exports`` gives a package a module ``__getattr__``
-(PEP 562) that imports each re-exported name's submodule when the name is first read.
+``lazy_import("torch")`` returns a stand-in that imports the module on its first attribute read;
+``lazy_exports`` gives a package a module ``__getattr__`` (PEP 562) that imports each re-exported
+name's submodule when the name is first read.
 """
 
 from __future__ import annotations
@@ -16,18 +16,25 @@ from collections.abc import Callable
 from types import ModuleType
 
 
+class _LazyModule(ModuleType):
+    """Stands for the module ``__name__`` and imports it on the first attribute read; it is not
+    put in ``sys.modules``, so code that walks loaded modules (``inspect``, Hydra's error
+    handler) never triggers the import."""
+
+    def __getattr__(self, attr: str):
+        module = self.__dict__.get("_module")
+        if module is None:
+            module = self.__dict__["_module"] = importlib.import_module(self.__name__)
+        return getattr(module, attr)
+
+
 def lazy_import(name: str) -> ModuleType:
-    """``name``, imported now if it already is, else on its first attribute access."""
+    """``name``, imported on its first attribute read (at once if it already is)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None:
+    if importlib.util.find_spec(name) is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _LazyModule(name)
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], object]:

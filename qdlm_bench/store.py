@@ -73,9 +73,11 @@ FP_PRECISION = precision({})
 
 @functools.lru_cache(maxsize=1)
 def _git_sha() -> str | None:
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / ".git").exists():  # installed: no commit to name (never another repo's)
+        return None
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None

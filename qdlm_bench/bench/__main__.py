@@ -6,7 +6,7 @@ import importlib
 import json
 import sys
 
-BENCHES = ("sampler", "forward", "quantize")
+BENCHES = ("sampler", "forward", "quantize", "config_errors")
 
 
 def main(argv: list[str]) -> None:
