@@ -1,7 +1,9 @@
 """DuQuant (Lin et al., 2024): smoothing, then rotation + zigzag permutation + rotation of each input.
 
 Per block, on the FP block's inputs (the outputs of the already-quantized previous blocks), for
-each subset whose input is quantized (``a < 16`` and named in ``quant.act_layers``):
+each subset whose input is named in ``quant.act_layers`` (quantized when ``a < 16``; at weight-only
+bits the transforms still apply, activations stay in full precision, which measures what the
+rotated, smoothed weights cost alone):
 
 1. smoothing ``s = max|x|^alpha / max|W|^(1-alpha)`` folded into the preceding norm / linear
    (``quant.smooth_block``; skipped for v_proj -> o_proj under GQA, where v_proj cannot absorb it);
@@ -215,7 +217,7 @@ def quantize_weights(state, opts: DuQuantOptions) -> dict:
     """Transform and round the target weights; sets DuQuant's grid and the activation clip ratio
     ``lac`` on ``state.spec`` for ``install_quantizers``."""
     spec = state.spec
-    selected, wanted = quant.act_selection(state.model, spec, "duquant")
+    selected, wanted = quant.act_selection(state.model, spec)
     if spec.a_clip_ratio != 1.0 and opts.lac is not None:
         raise ValueError(f"duquant sets the activation clip ratio with method.lac ({opts.lac}); quant.act_clip_ratio="
                          f"{spec.a_clip_ratio} conflicts: leave it at 1.0 or set method.lac=null")

@@ -3,9 +3,11 @@
 Per block, on the FP block's inputs (the outputs of the already-quantized previous blocks): the
 per-channel max|x| of each subset's input gives ``s = max|x|^alpha / max|W|^(1-alpha)``
 (``quant.smooth_block``), folded into attn_norm -> q/k/v, v_proj -> o_proj (not under GQA),
-mlp_norm -> gate/up and up_proj -> down_proj, for the subsets whose input is quantized
-(``a < 16`` and named in ``quant.act_layers``). Weights are then round-to-nearest (per channel,
-or per the spec's group), activations per-token dynamic (``install_quantizers``).
+mlp_norm -> gate/up and up_proj -> down_proj, for the subsets whose input is named in
+``quant.act_layers``. Weights are then round-to-nearest (per channel, or per the spec's group),
+activations per-token dynamic when ``a < 16`` (``install_quantizers``). At weight-only bits (e.g.
+``w4a16``) the smoothing still applies and activations stay in full precision: that measures what
+moving outlier difficulty into the weights costs the weights alone.
 
 Grid (``GRID``): the reference's (mit-han-lab/smoothquant ``smoothquant/fake_quant.py``,
 ``quantize_weight_per_channel_absmax`` / ``quantize_activation_per_token_absmax``): symmetric
@@ -38,7 +40,7 @@ class SmoothQuantOptions:
 @register("smoothquant", SmoothQuantOptions, calibration=True)
 def quantize_weights(state, opts: SmoothQuantOptions) -> dict:
     spec = state.spec
-    selected, wanted = quant.act_selection(state.model, spec, "smoothquant")
+    selected, wanted = quant.act_selection(state.model, spec)
     done, smoothed = [], []
 
     def fn(i, block, stats):

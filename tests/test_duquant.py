@@ -156,9 +156,18 @@ def test_duquant_bad_settings():
     model, spec = with_outliers("tiny-llada"), QuantSpec.parse("w4a4", a_clip_ratio=0.8)
     with pytest.raises(ValueError, match="method.lac"):
         methods.get("duquant")(model, spec, CALIB, {})
-    with pytest.raises(ValueError, match="needs quantized activations"):
-        methods.get("duquant")(model, QuantSpec.parse("w4a16"), CALIB, {})
     with pytest.raises(ValueError, match="swc"):
         methods.get("duquant")(model, QuantSpec.parse("w4a4"), CALIB, {"swc": 0})
     with pytest.raises(ValueError, match="block_size"):
         fit_transform(torch.randn(4, 8), 0)
+
+
+def test_duquant_at_weight_only_bits_transforms_and_keeps_activations_fp():
+    fp = with_outliers("tiny-llada")
+    model = copy.deepcopy(fp)
+    info = methods.get("duquant")(model, QuantSpec.parse("w4a16"), CALIB, FAST)
+    assert info["layers"] == 14 and info["transformed"] == 14
+    for name in quantized_layer_names(model):
+        layer = model.get_submodule(name)
+        assert layer.input_transform is not None and layer.act_quant.bits == 16
+    assert block_error(fp, "duquant", "w4a16", **FAST) < block_error(fp, "rtn", "w4a16")

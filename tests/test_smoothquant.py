@@ -97,6 +97,10 @@ def test_smoothquant_quantizes_every_linear_and_respects_act_layers():
     assert torch.equal(model.blocks[0].attn_norm.weight, norm)
 
 
-def test_smoothquant_needs_quantized_activations():
-    with pytest.raises(ValueError, match="needs quantized activations"):
-        methods.get("smoothquant")(random_model("tiny-llada"), QuantSpec.parse("w4a16"), CALIB, {})
+def test_smoothquant_at_weight_only_bits_smooths_and_keeps_activations_fp():
+    model = with_outliers("tiny-llada")
+    fp = copy.deepcopy(model)
+    info = methods.get("smoothquant")(model, QuantSpec.parse("w8a16"), CALIB, {})
+    assert info == {"layers": 14, "smoothed": 14}
+    assert all(model.get_submodule(n).act_quant.bits == 16 for n in quantized_layer_names(model))
+    assert not torch.equal(model.blocks[0].attn_norm.weight, fp.blocks[0].attn_norm.weight)  # scales folded

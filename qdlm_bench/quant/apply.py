@@ -37,18 +37,16 @@ def targets(model: nn.Module, spec: QuantSpec) -> dict[str, nn.Module]:
     return linear_layers(model, spec.exclude, spec.lm_head)
 
 
-def act_selection(model: nn.Module, spec: QuantSpec, method: str):
+def act_selection(model: nn.Module, spec: QuantSpec):
     """``(selected, wanted)`` for block ``i``: ``selected(i, name)`` - the linear is quantized;
-    ``wanted(i, name)`` - its input is quantized too. Raises when no activation is quantized."""
-    if spec.a_bits == 16:
-        raise ValueError(f"method {method!r} targets activation outliers and needs quantized activations "
-                         f"(e.g. w8a8, w4a4), got {spec.name}; use rtn/gptq/awq for weight-only runs")
+    ``wanted(i, name)`` - its input is one of ``spec.act_layers`` (the inputs an activation-outlier
+    method transforms; quantized only when ``a < 16``, the transform applies at weight-only bits too)."""
     names = set(targets(model, spec))
 
     def selected(i, name):
         return f"blocks.{i}.{name}" in names
 
-    return selected, lambda i, name: selected(i, name) and spec.quantizes_input(name)
+    return selected, lambda i, name: selected(i, name) and name in spec.act_layers
 
 
 @torch.no_grad()
