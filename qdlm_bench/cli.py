@@ -22,6 +22,7 @@ from qdlm_bench.paths import CONF_DIR
 from qdlm_bench.sweep_report import JOB_RECORD
 
 log = logging.getLogger("qdlm_bench")
+BASELINE = ("auto", "skip")  # auto: each quantized job of a sweep makes sure its FP baseline record exists
 
 
 def sweep_name(cfg: DictConfig) -> str | None:
@@ -41,10 +42,15 @@ def main(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     try:
         runspec.build(plain)
+        if cfg.baseline not in BASELINE:
+            raise runspec.ConfigError(f"baseline={cfg.baseline!r}; use one of {', '.join(BASELINE)}")
         from qdlm_bench import pipeline  # torch, lm-eval, transformers: only once the config is valid
 
-        record = pipeline.run(plain, store_root=cfg.store, force=cfg.force, sweep=sweep_name(cfg),
-                              wandb_cfg=plain["wandb"] | {"group": sweep_name(cfg)})
+        run_args = dict(store_root=cfg.store, sweep=sweep_name(cfg),
+                        wandb_cfg=plain["wandb"] | {"group": sweep_name(cfg)})
+        if cfg.baseline == "auto" and HydraConfig.get().mode == RunMode.MULTIRUN:
+            pipeline.ensure_baseline(plain, **run_args)
+        record = pipeline.run(plain, force=cfg.force, **run_args)
     except runspec.ConfigError as err:
         log.error("invalid configuration: %s", err)
         sys.exit(2)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from qdlm_bench import methods
 from qdlm_bench import calibration, evaluation, runspec, tracking
 from qdlm_bench.models.factory import load_fp_model
-from qdlm_bench.store import ResultStore, new_record, spec_key
+from qdlm_bench.store import ResultStore, baseline_key, new_record, spec_key
 
 log = logging.getLogger("qdlm_bench")
 
@@ -81,3 +81,23 @@ def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str 
     log.info("wrote %s (%s)", store.path_for(key), status)
     wandb_logger.log_record(record)
     return record
+
+
+def baseline_config(cfg: dict) -> dict:
+    """The FP run of ``cfg``'s model, tasks and eval settings (the same baseline key)."""
+    return {**cfg, "method": {"name": "fp"}, "quant": {**cfg["quant"], "exclude": [], "lm_head": False}}
+
+
+def ensure_baseline(cfg: dict, store_root: str = "results", sweep: str | None = None,
+                    wandb_cfg: dict | None = None) -> dict | None:
+    """The finished FP record sharing ``cfg``'s baseline key: found in the store, else run now
+    (``run`` on ``baseline_config``). None for an FP ``cfg`` itself."""
+    if cfg["method"]["name"] == "fp":
+        return None
+    fp_cfg = baseline_config(cfg)
+    store = ResultStore(store_root)
+    found = store.records(baseline_key=baseline_key(runspec.build(fp_cfg).semantic()), method="fp", status="done")
+    if found:
+        return found[-1]
+    log.info("running the FP baseline of %s first (baseline=auto)", cfg["model"]["name"])
+    return run(fp_cfg, store_root=store_root, sweep=sweep, wandb_cfg=wandb_cfg)
