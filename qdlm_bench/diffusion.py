@@ -6,6 +6,9 @@ hidden through ``attention_mask``, so a row computes what it would alone.
 
 The samplers follow LLaDA's ``generate.py`` and Dream's ``generation_utils._sample``; they
 only read logits where a decision is made (LLaDA: the current block; Dream: masked tokens).
+One detail differs: a predicted token is never the mask token (``argmax_except``); the
+confidences that choose what to unmask are computed, as in the references, from the unmodified
+distribution (the mask token's probability included).
 """
 
 from __future__ import annotations
@@ -52,10 +55,16 @@ def _gumbel(shape, device, generator) -> torch.Tensor:
     return -torch.log(-torch.log(u.clamp_min(1e-20)))
 
 
-def forbid_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Never predict the mask token itself (a broken or random model may prefer it)."""
-    logits[..., mask_id] = -torch.inf
-    return logits
+def argmax_except(scores: torch.Tensor, token: int) -> torch.Tensor:
+    """``scores.argmax(-1)`` over every id but ``token``: the samplers never predict the mask token
+    (a broken or random model may prefer it), yet its score stays in every confidence."""
+    best = scores.argmax(-1)
+    hit = best == token
+    if hit.any():
+        rest = scores[hit]  # a copy
+        rest[:, token] = -torch.inf
+        best[hit] = rest.argmax(-1)
+    return best
 
 
 def _no_step(step: int, x: torch.Tensor) -> None:
@@ -88,6 +97,25 @@ def _llada_logits(model, x, attn, prompt_cols, cfg_scale, cols: slice) -> torch.
     return un + (cfg_scale + 1) * (cond - un)
 
 
+def llada_tokens(logits: torch.Tensor, mask_id: int, cfg: GenerationConfig, generator):
+    """LLaDA's prediction on logits [..., V] -> (tokens, confidence), as ``generate.py`` computes it.
+
+    The token is the argmax of the logits, Gumbel-perturbed in float64 when ``cfg.temperature > 0``
+    (``add_gumbel_noise``), over every id but the mask token. Its confidence is its softmax
+    probability under the unmodified logits (``low_confidence``) or a uniform draw (``random``).
+    """
+    scores = logits
+    if cfg.temperature > 0:
+        u = torch.rand(logits.shape, device=logits.device, generator=generator, dtype=torch.float64)
+        scores = logits.double().exp() / (-torch.log(u)) ** cfg.temperature
+    x0 = argmax_except(scores, mask_id)
+    if cfg.remasking == "low_confidence":
+        conf = torch.softmax(logits.double(), -1).gather(-1, x0[..., None]).squeeze(-1)
+    else:
+        conf = torch.rand(x0.shape, device=logits.device, generator=generator, dtype=torch.float64)
+    return x0, conf
+
+
 def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar, on_step):
     """LLaDA semi-autoregressive sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:]."""
     mask_id, n_blocks = model.config.mask_token_id, cfg.gen_length // cfg.block_length
@@ -101,16 +129,8 @@ def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
             bar.update()
             if not schedule[:, i].any():
                 continue
-            logits = forbid_mask(_llada_logits(model, x, attn, prompt_cols, cfg.cfg_scale, cols), mask_id)
-            if cfg.temperature > 0:  # Gumbel-max in float64, exactly as LLaDA's add_gumbel_noise
-                u = torch.rand(logits.shape, device=x.device, generator=generator, dtype=torch.float64)
-                x0 = (logits.double().exp() / (-torch.log(u)) ** cfg.temperature).argmax(-1)
-            else:
-                x0 = logits.argmax(-1)
-            if cfg.remasking == "low_confidence":
-                conf = torch.softmax(logits.double(), -1).gather(-1, x0[..., None]).squeeze(-1)
-            else:
-                conf = torch.rand(x0.shape, device=x.device, generator=generator, dtype=torch.float64)
+            logits = _llada_logits(model, x, attn, prompt_cols, cfg.cfg_scale, cols)
+            x0, conf = llada_tokens(logits, mask_id, cfg, generator)
             block = x[:, cols]
             conf = conf.masked_fill(block != mask_id, -torch.inf)
             transfer = _top_k_mask(conf, schedule[:, i])
@@ -134,9 +154,18 @@ def _top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
 
 
-def _sample_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator):
-    """Dream's ``sample_tokens`` on [N, V] logits -> (confidence [N], tokens [N])."""
+def dream_tokens(logits: torch.Tensor, mask_id: int, cfg: GenerationConfig, generator):
+    """Dream's ``sample_tokens`` on [N, V] logits -> (tokens [N], confidence [N]).
+
+    The distribution is the softmax of the logits over ``cfg.temperature``, then top-p, then top-k
+    filtered. The token is drawn from it (its argmax at temperature 0) with the mask token left
+    out; should nothing but the mask token survive the filters, the token is the best other
+    logit. The confidence is the reference's statistic of the unmodified distribution: the drawn
+    token's probability, else (temperature 0) the largest probability (``maskgit_plus``), the
+    top-2 margin (``topk_margin``), the negative entropy (``entropy``).
+    """
     logits = logits.float()
+    x0 = argmax_except(logits, mask_id)
     if cfg.temperature > 0:
         logits = logits / cfg.temperature
     if cfg.top_p is not None and cfg.top_p < 1:
@@ -145,16 +174,20 @@ def _sample_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator):
         logits = _top_k_filter(logits, cfg.top_k)
     probs = logits.softmax(-1)
     if cfg.temperature > 0:
-        x0 = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        weights = probs.clone()
+        weights[:, mask_id] = 0
+        stuck = (weights.sum(-1) == 0).nonzero().squeeze(1)  # only the mask token survived
+        weights[stuck, x0[stuck]] = 1
+        x0 = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
         conf = probs.gather(-1, x0[:, None]).squeeze(-1)
     else:
-        conf, x0 = probs.max(-1)
+        conf = probs.amax(-1)
     if cfg.alg == "topk_margin":
         top2 = probs.topk(2, -1).values
         conf = top2[:, 0] - top2[:, 1]
     elif cfg.alg == "entropy":
         conf = (probs * torch.log(probs + 1e-10)).sum(-1)
-    return conf, x0
+    return x0, conf
 
 
 def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar, on_step):
@@ -167,17 +200,17 @@ def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
         masked = gen == mask_id
         if not masked.any():
             continue
-        logits = forbid_mask(model(x, attention_mask=attn, positions=slice(gen_start, None)), mask_id)
+        logits = model(x, attention_mask=attn, positions=slice(gen_start, None))
         last = i == cfg.steps - 1
         ratio = 1 - timesteps[i + 1] / timesteps[i]
         if cfg.alg == "origin":  # each masked token moves with probability 1 - s/t
             u = torch.rand(masked.shape, device=x.device, generator=generator)
             transfer = masked & (u < (1.0 if last else ratio))
             if transfer.any():
-                gen[transfer] = _sample_tokens(logits[transfer], cfg, generator)[1]
+                gen[transfer] = dream_tokens(logits[transfer], mask_id, cfg, generator)[0]
             on_step(i, x)
             continue
-        conf, x0 = _sample_tokens(logits[masked], cfg, generator)
+        x0, conf = dream_tokens(logits[masked], mask_id, cfg, generator)
         full_conf = torch.full(masked.shape, -torch.inf, device=x.device, dtype=torch.float64)
         full_conf[masked] = conf.double()
         if cfg.alg_temp > 0:  # Gumbel-top-k == sampling positions from softmax(conf / alg_temp)

@@ -8,7 +8,9 @@ from torch import nn
 
 from qdlm_bench.diffusion import (
     GenerationConfig,
+    dream_tokens,
     generate,
+    llada_tokens,
     loglikelihood,
     mc_masks,
     num_transfer_tokens,
@@ -63,6 +65,42 @@ class Oracle(nn.Module):
     def forward(self, input_ids, attention_mask=None, positions=None):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.token] = 8.0
+        return logits if positions is None else logits[:, positions]
+
+
+class MaskLover(nn.Module):
+    """In every other column counted from the right (the same generated tokens whatever the left
+    padding): logits sharpened (x3), the mask token's 4 above the largest. There the softmax
+    without the mask token is confident, the full one is not."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, input_ids, attention_mask=None, positions=None):
+        logits = self.inner(input_ids, attention_mask=attention_mask, positions=positions)
+        cols = torch.arange(input_ids.shape[1])[positions or slice(None)]
+        loved = 3 * logits
+        loved[..., MASK] = loved.amax(-1) + 4
+        return torch.where(((input_ids.shape[1] - cols) % 2 == 0)[:, None], loved, logits)
+
+
+class FixedLogits(nn.Module):
+    """LLaDA-family model whose logits of the last ``len(rows)`` columns are ``rows`` (zeros elsewhere)."""
+
+    def __init__(self, rows: torch.Tensor, mask_id: int):
+        super().__init__()
+        self.rows = rows
+        self.config = SimpleNamespace(family="llada", mask_token_id=mask_id, pad_token_id=0, eos_token_id=0)
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask=None, positions=None):
+        logits = torch.zeros(*input_ids.shape, self.rows.shape[-1])
+        logits[:, -len(self.rows):] = self.rows
         return logits if positions is None else logits[:, positions]
 
 
@@ -143,6 +181,165 @@ def test_cfg_runs_and_changes_the_output():
     base = GenerationConfig(gen_length=16, steps=16, block_length=16, sampler="llada")
     guided = GenerationConfig(gen_length=16, steps=16, block_length=16, sampler="llada", cfg_scale=3.0)
     assert generate(model, PROMPTS, base) != generate(model, PROMPTS, guided)
+
+
+# --- against the reference samplers, written here after LLaDA's generate.py and Dream's
+# generation_utils._sample / sample_tokens, one prompt at a time, with the one detail ours adds: the
+# predicted token is never the mask token; confidences come from the unmodified softmax.
+
+
+def reference_llada(model, prompt, gen_length, steps, block_length, cfg_scale=0.0):
+    """generate.py at temperature 0, low_confidence: (the generated region after every step, times the
+    argmax at a masked position was the mask token)."""
+    x = torch.full((1, len(prompt) + gen_length), MASK)
+    x[0, : len(prompt)] = torch.tensor(prompt)
+    prompt_index = x != MASK
+    n_blocks, mask_top, states = gen_length // block_length, 0, []
+    steps //= n_blocks
+    for nb in range(n_blocks):
+        end = len(prompt) + (nb + 1) * block_length
+        n = int((x[:, end - block_length : end] == MASK).sum())
+        schedule = [n // steps + (i < n % steps) for i in range(steps)]
+        for i in range(steps):
+            mask_index = x == MASK
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = MASK
+                logits, un_logits = model(torch.cat([x, un_x])).chunk(2)
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = model(x)
+            mask_top += int((logits.argmax(-1) == MASK)[mask_index].sum())
+            choice = logits.clone()
+            choice[..., MASK] = -torch.inf  # the detail: the token is never the mask token
+            x0 = choice.argmax(-1)
+            x0_p = torch.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+            x0_p[:, end:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+            _, select = torch.topk(confidence[0], k=schedule[i])
+            x[0, select] = x0[0, select]
+            states.append(x[0, len(prompt) :].tolist())
+    return states, mask_top
+
+
+def reference_dream(model, prompt, gen_length, steps, alg, eps=1e-3):
+    """Dream's _sample at temperature 0, alg_temp 0: (the generated region after every step, times the
+    argmax was the mask token)."""
+    x = torch.full((1, len(prompt) + gen_length), MASK)
+    x[0, : len(prompt)] = torch.tensor(prompt)
+    timesteps, mask_top, states = torch.linspace(1, eps, steps + 1), 0, []
+    for i in range(steps):
+        mask_index = x == MASK
+        probs = torch.softmax(model(x)[mask_index], dim=-1)  # our Dream model shifts its logits
+        confidence, x0 = probs.max(dim=-1)
+        mask_top += int((x0 == MASK).sum())
+        x0 = probs.index_fill(-1, torch.tensor(MASK), -1.0).argmax(-1)  # the detail
+        if alg == "topk_margin":
+            top = probs.sort(dim=-1, descending=True).values
+            confidence = top[:, 0] - top[:, 1]
+        elif alg == "entropy":
+            confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+        t, s = timesteps[i], timesteps[i + 1]
+        num_mask_token = mask_index.sum() / mask_index.shape[0]
+        k = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
+        full_confidence = torch.full(x.shape, -torch.inf)
+        full_confidence[mask_index] = confidence
+        if k > 0:
+            _, select = torch.topk(full_confidence, k)
+            x_ = torch.full_like(x, MASK)
+            x_[mask_index] = x0
+            x[0, select[0]] = x_[0, select[0]]
+        states.append(x[0, len(prompt) :].tolist())
+    return states, mask_top
+
+
+def trajectory(model, prompt, cfg):
+    """The generated region after every step of our sampler, for one prompt."""
+    states = []
+    generate(model, [prompt], cfg, on_step=lambda i, x: states.append(x[0, -cfg.gen_length:].tolist()))
+    return states
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+@pytest.mark.parametrize("mask_lover", [False, True])
+def test_llada_equals_reference_generate_py(cfg_scale, mask_lover):
+    model = MaskLover(tiny("llada")) if mask_lover else tiny("llada")
+    cfg = GenerationConfig(gen_length=8, steps=8, block_length=4, sampler="llada", cfg_scale=cfg_scale)
+    with torch.no_grad():
+        refs = [reference_llada(model, p, 8, 8, 4, cfg_scale) for p in PROMPTS]
+    assert [trajectory(model, p, cfg) for p in PROMPTS] == [states for states, _ in refs]
+    assert generate(model, PROMPTS, cfg, batch_size=4) == [states[-1] for states, _ in refs]
+    assert sum(n for _, n in refs) > 0 or not mask_lover  # the argmax was the mask token: it was skipped
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+@pytest.mark.parametrize("mask_lover", [False, True])
+def test_dream_equals_reference_sampler(alg, mask_lover):
+    model = MaskLover(tiny("dream")) if mask_lover else tiny("dream")
+    cfg = GenerationConfig(gen_length=8, steps=4, sampler="dream", alg=alg)
+    with torch.no_grad():
+        refs = [reference_dream(model, p, 8, 4, alg) for p in PROMPTS]
+    assert [trajectory(model, p, cfg) for p in PROMPTS] == [states for states, _ in refs]
+    assert generate(model, PROMPTS, cfg, batch_size=4) == [states[-1] for states, _ in refs]
+    assert sum(n for _, n in refs) > 0 or not mask_lover
+
+
+# mask id 5; row 0: the mask token has the largest logit, token 1 the next; row 1: token 0 leads
+V6_MASK = 5
+MASK_TOP = torch.tensor([[0.0, 4.0, 1.0, 0.0, 0.5, 5.0], [3.0, 0.0, 0.0, 2.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("temperature, remasking", [(0.0, "low_confidence"), (1.0, "low_confidence"),
+                                                    (0.0, "random")])
+def test_llada_never_predicts_the_mask_and_reads_the_unmodified_softmax(temperature, remasking):
+    cfg = GenerationConfig(temperature=temperature, remasking=remasking)
+    logits = MASK_TOP.repeat(200, 1)
+    tokens, conf = llada_tokens(logits, V6_MASK, cfg, torch.Generator().manual_seed(0))
+    assert (tokens != V6_MASK).all()
+    if temperature == 0:
+        assert tokens[:2].tolist() == [1, 0]
+    else:  # generate.py's add_gumbel_noise on the same uniforms, the mask token's score left out
+        u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        noisy = logits.double().exp() / (-torch.log(u)) ** temperature
+        assert torch.equal(tokens, noisy.index_fill(-1, torch.tensor(V6_MASK), -torch.inf).argmax(-1))
+    if remasking == "low_confidence":
+        assert torch.equal(conf, torch.softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1))
+        assert conf[0] < 0.3  # the mask token keeps its share (0.26; renormalized without it: 0.90)
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+def test_dream_never_predicts_the_mask_and_reads_the_unmodified_distribution(alg):
+    probs = MASK_TOP.softmax(-1)
+    tokens, conf = dream_tokens(MASK_TOP, V6_MASK, GenerationConfig(alg=alg), None)
+    assert tokens.tolist() == [1, 0]
+    top = probs.topk(2).values
+    expected = {"maskgit_plus": top[:, 0], "topk_margin": top[:, 0] - top[:, 1],
+                "entropy": (probs * torch.log(probs + 1e-10)).sum(-1)}[alg]
+    assert torch.allclose(conf, expected)
+    # sampling: draws avoid the mask token; the confidence is the drawn token's share of the
+    # (tempered, filtered) distribution with the mask token in it
+    cfg = GenerationConfig(alg="maskgit_plus", temperature=0.8, top_k=3)
+    logits = MASK_TOP.repeat(200, 1)
+    tokens, conf = dream_tokens(logits, V6_MASK, cfg, torch.Generator().manual_seed(0))
+    assert (tokens != V6_MASK).all() and set(tokens[::2].tolist()) <= {1, 2}
+    filtered = torch.where(logits >= logits.topk(3).values[:, -1:], logits / 0.8, torch.finfo(torch.float32).min)
+    assert torch.allclose(conf, filtered.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
+    # only the mask token survives top_k=1 in row 0: its token is the best other one
+    tokens, conf = dream_tokens(MASK_TOP, V6_MASK, GenerationConfig(temperature=1.0, top_k=1),
+                                torch.Generator().manual_seed(0))
+    assert tokens.tolist() == [1, 0] and conf[0] == 0
+
+
+def test_llada_unmasks_by_the_unmodified_confidence():
+    # column 0: the mask token leads, token 1 holds 0.26 of the softmax (0.90 without the mask
+    # token); column 1: token 2 holds 0.74. Column 1 goes first, and neither becomes the mask.
+    rows = torch.zeros(2, 8)
+    rows[0, 7], rows[0, 1], rows[1, 2] = 5.0, 4.0, 3.0
+    states = []
+    out = generate(FixedLogits(rows, mask_id=7), [[3]], GenerationConfig(gen_length=2, steps=2, block_length=2),
+                   on_step=lambda i, x: states.append(x[0, -2:].tolist()))
+    assert states == [[7, 2], [1, 2]] and out == [[1, 2]]
 
 
 @pytest.mark.parametrize("kwargs, match", [

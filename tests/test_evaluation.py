@@ -36,8 +36,8 @@ def model(tok):
     return DiffusionLM(cfg).eval()
 
 
-def _request(task, kind, args):
-    return Instance(request_type=kind, doc={}, arguments=args, idx=0, metadata=(task, 0, 1))
+def _request(task, kind, args, idx=0):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=idx, metadata=(task, 0, 1))
 
 
 def _check_result(result, low=0.0, high=1.0):
@@ -213,8 +213,8 @@ def test_each_task_gets_its_own_sampler_and_mc_settings(model, tok, monkeypatch)
     lm = adapter.DiffusionLMAdapter(model, tok, EvalSettings.from_dict({"generation": {"humaneval": {"steps": 64}}}))
     lm.generate_until([_request("gsm8k_local", "generate_until", ("a", {"until": []})),
                        _request("humaneval_local", "generate_until", ("b", {"until": []}))])
-    lm.loglikelihood([_request("arc_easy_local", "loglikelihood", ("a", " b")),
-                      _request("mmlu_local_anatomy", "loglikelihood", ("a", " b"))])
+    lm.loglikelihood([_request(task, "loglikelihood", ("a", choice), idx=i)  # multiple choice: a request per choice
+                      for task in ("arc_easy_local", "mmlu_local_anatomy") for i, choice in enumerate((" b", " c"))])
     assert [(c.gen_length, c.steps, c.block_length) for c in seen[:2]] == [(256, 256, 32), (512, 64, 32)]
     assert seen[2:] == [128, 1]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qdlm_bench.diffusion import forbid_mask, pad_rows
+from qdlm_bench.diffusion import argmax_except, pad_rows
 
 from .config import CalibConfig
 from .sources import source_texts
@@ -183,12 +183,13 @@ def load(file: Path, key: str) -> CalibSet:
 @torch.no_grad()
 def confidences(model, calib: CalibSet, batch_size: int = 8) -> torch.Tensor:
     """The model's per-token confidence [N, L] on ``calib``, float32 on the CPU: at masked positions the
-    largest softmax probability (the mask token excluded, as the samplers decide), elsewhere the
-    probability of the token present."""
+    probability of the greedy prediction (the most likely token but the mask token) under the
+    unmodified softmax, the mask token's share kept, as the samplers read it (LLaDA's low-confidence
+    remasking); elsewhere the probability of the token present."""
     out = []
     for b in calib.to(model.device).batches(batch_size):
-        logits = forbid_mask(model(b.input_ids, attention_mask=b.attention_mask).float(), model.config.mask_token_id)
+        logits = model(b.input_ids, attention_mask=b.attention_mask).float()
         probs = logits.softmax(-1)
-        present = probs.gather(-1, b.input_ids[..., None]).squeeze(-1)
-        out.append(torch.where(b.masked, probs.amax(-1), present).cpu())
+        ids = torch.where(b.masked, argmax_except(logits, model.config.mask_token_id), b.input_ids)
+        out.append(probs.gather(-1, ids[..., None]).squeeze(-1).cpu())
     return torch.cat(out)

@@ -1,9 +1,15 @@
 """The lm-eval model of an in-memory DiffusionLM (FP or quantized): likelihoods and generation.
 
 - ``loglikelihood``: the Monte-Carlo ELBO of ``diffusion.loglikelihood`` with the task's
-  ``mc_num``. ``is_greedy`` is always False: checking it would need a full decoding of every
-  target, and no task used here reads it (multiple-choice tasks compare likelihoods;
-  lm-eval's ``acc`` of plain ``loglikelihood`` tasks such as lambada would read 0).
+  ``mc_num``, and ``is_greedy`` as LLaDA's lm-eval wrapper decides it (``eval_llada.py``,
+  ``suffix_greedy_prediction``): whether the target, masked after its prefix and decoded greedily
+  one token per step, the most confident position first (the LLaDA sampler at temperature 0 with
+  ``steps = gen_length = block_length =`` the target's length, whatever the model family),
+  comes out unchanged. Only requests of ``output_type: loglikelihood`` tasks are decoded (lambada's
+  ``acc`` reads is_greedy; a perplexity-only such task pays too, as requests do not name their
+  metrics): their document sends one request, while a multiple-choice document sends one per
+  choice (``idx`` 0, 1, ...) and gets False with no decoding (lm-eval reads it there only for an
+  ``exact_match`` metric, which no multiple-choice task here uses).
 - ``loglikelihood_rolling``: the ELBO bound of ``diffusion.rolling_loglikelihood`` over
   non-overlapping windows of ``max_length`` tokens (perplexities are upper bounds).
 - ``generate_until``: ``diffusion.generate`` with the task's GenerationConfig; the output is cut
@@ -69,6 +75,7 @@ class DiffusionLMAdapter(LM):
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         out = [None] * len(requests)
+        reads_greedy = _reads_is_greedy(requests)
         for task, idx in _by_task(requests).items():
             limit = self._max_length(task)
             pairs = [self.encode_pair(*requests[i].args) for i in idx]
@@ -77,8 +84,25 @@ class DiffusionLMAdapter(LM):
             lls = diffusion.loglikelihood(
                 self.model, pairs, mc_num=self.settings.for_task(task)["mc_num"],
                 batch_size=self.settings.batch_size, seed=self.settings.seed, progress=self.settings.progress)
-            for i, ll in zip(idx, lls):
-                out[i] = (ll, False)
+            check = [j for j, i in enumerate(idx) if reads_greedy[i]]
+            greedy = dict(zip(check, self.is_greedy([pairs[j] for j in check])))
+            for j, (i, ll) in enumerate(zip(idx, lls)):
+                out[i] = (ll, greedy.get(j, False))
+        return out
+
+    def is_greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
+        """For each (prefix, target): does greedy decoding of the masked target after the prefix,
+        one token per step, the most confident position first, give back the target?"""
+        out = [False] * len(pairs)
+        by_length = defaultdict(list)
+        for j, (_, target) in enumerate(pairs):
+            by_length[len(target)].append(j)
+        for n, js in by_length.items():
+            cfg = diffusion.GenerationConfig(gen_length=n, steps=n, block_length=n, sampler="llada")
+            decoded = diffusion.generate(self.model, [pairs[j][0] for j in js], cfg,
+                                         batch_size=self.settings.batch_size, progress=self.settings.progress)
+            for j, tokens in zip(js, decoded):
+                out[j] = tokens == list(pairs[j][1])
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:
@@ -127,6 +151,15 @@ def _warn_truncated(task: str, n: int, kept: int):
     if n:
         log.warning("%s: %d prompt(s) longer than the model window; kept their last %d tokens "
                     "(raise max_length or the model's max_seq_len to avoid this)", task, n, kept)
+
+
+def _reads_is_greedy(requests) -> list[bool]:
+    """Which requests belong to ``output_type: loglikelihood`` tasks, whose ``acc`` reads is_greedy:
+    their document sends this one request (a multiple-choice document sends one per choice)."""
+    choices = defaultdict(set)
+    for req in requests:
+        choices[req.task_name, req.doc_id].add(req.idx)
+    return [choices[req.task_name, req.doc_id] == {0} for req in requests]
 
 
 def _by_task(requests) -> dict[str, list[int]]:
