@@ -1,13 +1,61 @@
-"""HumanEval / MBPP scoring by executing completions (qdlm_bench.code_exec).
+"""HumanEval / MBPP scoring by executing programs (qdlm_bench.code_exec), with or without chat.
 
 lm-eval's own code tasks call ``evaluate.load("code_eval")``, which needs the network. Here each
-doc's completions are turned into a test program and run in a subprocess; the metric is
-pass@1 (the mean over completions of passing, i.e. unbiased pass@1 when a task repeats).
+doc's answers become test programs run in a subprocess; the metric is pass@1 (the mean over
+answers of passing, i.e. unbiased pass@1 when a task repeats). An answer's code is:
+
+- without the chat template: the answer as generated (a completion), as lm-eval's ``humaneval``
+  and ``mbpp``;
+- with it (``CodeTask``): the first fenced block of the reply (```python or a bare ```, up to its
+  closing fence or the end of the reply), else the whole reply, as lm-eval's ``humaneval_instruct``
+  and ``mbpp_instruct`` extract it. HumanEval runs the prompt then that code, as
+  ``humaneval_instruct``: a whole function redefines the prompt's (whose docstring is a body).
 """
 
 from __future__ import annotations
 
+import re
+
+from lm_eval.api.task import ConfigurableTask
+
 from qdlm_bench.code_exec import pass_at_k, run_programs
+
+_FENCE = re.compile(r"```[\w+.-]*[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+class CodeTask(ConfigurableTask):
+    """A code task that knows whether the chat template is on (lm-eval says so only when it builds
+    the requests): then requests stop at the YAML's ``metadata.chat_until`` when set (HumanEval's
+    stops would cut a reply at ``"```python\\ndef"``), and answers are scored as chat replies."""
+
+    def __init__(self, config: dict):
+        super().__init__(config={k: v for k, v in config.items() if k != "class"})
+        self.chat = False
+
+    def build_all_requests(self, *, apply_chat_template: bool = False, **kwargs) -> None:
+        self.chat = bool(apply_chat_template)
+        super().build_all_requests(apply_chat_template=apply_chat_template, **kwargs)
+
+    def construct_requests(self, doc, ctx, **kwargs):
+        request = super().construct_requests(doc, ctx, **kwargs)
+        until = (self.config.metadata or {}).get("chat_until")
+        if self.chat and until is not None:
+            request.arguments = (request.arguments[0], {**request.arguments[1], "until": list(until)})
+        return request
+
+    def process_results(self, doc, results):
+        return self.config.process_results(doc, results, chat=self.chat)
+
+
+def extract_code(reply: str) -> str:
+    """The first fenced code block of a chat reply (to its closing fence or the end), else the reply."""
+    match = _FENCE.search(reply)
+    return match.group(1) if match else reply
+
+
+def _codes(results, chat: bool) -> list[str]:
+    answers = [results] if isinstance(results, str) else list(results)
+    return [extract_code(a) for a in answers] if chat else answers
 
 
 def _score(programs: list[str]) -> dict:
@@ -15,17 +63,13 @@ def _score(programs: list[str]) -> dict:
     return {"pass@1": pass_at_k(len(programs), passed, 1)}
 
 
-def _completions(results) -> list[str]:
-    return [results] if isinstance(results, str) else list(results)
-
-
-def humaneval_results(doc: dict, results) -> dict:
-    """The prompt (signature + docstring), the completion, the tests, then ``check(entry_point)``."""
+def humaneval_results(doc: dict, results, chat: bool = False) -> dict:
+    """The prompt (signature + docstring), the code, the tests, then ``check(entry_point)``."""
     return _score([f"{doc['prompt']}{c}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
-                   for c in _completions(results[0])])
+                   for c in _codes(results[0], chat)])
 
 
-def mbpp_results(doc: dict, results) -> dict:
-    """The completion (code up to ``[DONE]``), the setup code, then the doc's asserts."""
+def mbpp_results(doc: dict, results, chat: bool = False) -> dict:
+    """The code (a completion: up to ``[DONE]``), the setup code, then the doc's asserts."""
     tests = "\n".join([doc["test_setup_code"], *doc["test_list"]])
-    return _score([f"{c}\n\n{tests}\n" for c in _completions(results[0])])
+    return _score([f"{c}\n\n{tests}\n" for c in _codes(results[0], chat)])
