@@ -15,6 +15,7 @@ from typing import Any
 
 from qdlm_bench import evaluation, methods
 from qdlm_bench.calibration import CalibConfig
+from qdlm_bench.evaluation import tasks as task_defs
 from qdlm_bench.paths import ZOO_DIR
 from qdlm_bench.quant.spec import QuantSpec, QuantSpecError
 
@@ -44,11 +45,13 @@ class RunSpec:
     seed: int
 
     def semantic(self) -> dict:
-        """What defines the result (the store key hashes this); devices and paths excluded."""
+        """What defines the result (the store key hashes this); devices and paths excluded. Each
+        task's definition enters by content (``eval.task_hashes``: YAML, helper code, data files)."""
         model = {k: v for k, v in self.model.items() if k not in ("path", "hub_id")}
         model["source"] = (checkpoint_fingerprint(self.model["path"]) if self.model.get("path")
                            else self.model.get("hub_id") or self.model.get("shape"))
-        evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "batch_size")}
+        evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "include_path", "batch_size")}
+        evals["task_hashes"] = task_defs.task_hashes(self.tasks, self.settings.data_dir, self.settings.include_path)
         calib = {"calib": self.calib.defining()} if self.calib else {}
         q = self.quant
         quant = {"bits": q.name, "exclude": list(q.exclude), **({"lm_head": True} if q.lm_head else {})}
@@ -146,13 +149,14 @@ def build(cfg: dict) -> RunSpec:
     model = check_model(dict(cfg["model"]))
     eval_cfg = dict(cfg["eval"])
     eval_cfg["data_dir"] = str(eval_cfg.get("data_dir") or evaluation.default_data_dir())
+    eval_cfg["include_path"] = list(task_defs.include_folders(eval_cfg.get("include_path"))) or None
     if eval_cfg.get("apply_chat_template") is None:
         eval_cfg["apply_chat_template"] = bool(model.get("chat_template"))
     tasks = list(cfg["tasks"])
     try:
         settings = evaluation.EvalSettings.from_dict(
             {**eval_cfg, "seed": int(cfg["seed"])}, generation_defaults=model.get("generation") or {})
-        evaluation.validate_tasks(tasks, settings.data_dir)
+        evaluation.validate_tasks(tasks, settings.data_dir, settings.include_path)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     try:

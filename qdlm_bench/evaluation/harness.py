@@ -31,7 +31,7 @@ from lm_eval.tasks import TaskManager
 
 from . import tasks as task_resolution
 from .adapter import DiffusionLMAdapter
-from .settings import EvalSettings, longest_prefix
+from .settings import EvalSettings
 
 PRIMARY_METRICS = {
     "gsm8k": "exact_match,flexible-extract",
@@ -50,6 +50,12 @@ PRIMARY_METRICS = {
 }
 FALLBACK_METRICS = ("pass@1,none", "exact_match,flexible-extract", "exact_match,strict-match",
                     "exact_match,none", "acc,none", "acc_norm,none", "word_perplexity,none")
+
+
+def longest_prefix(table: dict, task: str):
+    """The value of the longest key of ``table`` that prefixes ``task`` (None if none does)."""
+    keys = [k for k in table if task.startswith(k)]
+    return table[max(keys, key=len)] if keys else None
 
 
 def primary_metric(task: str, metrics: dict) -> str:
@@ -88,13 +94,17 @@ def summarize(task: str, metrics: dict) -> dict:
 def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None) -> dict[str, dict]:
     """Evaluate ``model`` on ``tasks``: {task: {"metric", "value", "stderr", "all"}}.
 
-    Task names resolve through ``tasks.resolve_tasks`` (project YAMLs with ``data_dir``, else
-    lm-eval names); few-shot counts and sampler settings are per task (``EvalSettings``).
-    Groups (e.g. mmlu_local) report their aggregate. Code tasks execute model output in a
-    subprocess (``qdlm_bench.code_exec``), hence ``confirm_run_unsafe_code``.
+    Task names resolve through ``tasks.resolve_tasks`` (project YAMLs with ``data_dir``, those
+    under ``include_path``, else lm-eval names); few-shot counts and sampler settings are per task
+    (``EvalSettings``, which learns here the groups around each task). Groups (e.g. mmlu_local)
+    report their aggregate. ``log_samples`` adds lm-eval's per-document records (doc, prompt
+    arguments, responses, filtered response, metrics) under "samples". Code tasks execute model
+    output in a subprocess (``qdlm_bench.code_exec``), hence ``confirm_run_unsafe_code``.
     """
     settings = settings or EvalSettings()
-    objs = task_resolution.build_tasks(task_resolution.resolve_tasks(tasks, settings.data_dir))
+    objs = task_resolution.build_tasks(task_resolution.resolve_tasks(
+        tasks, settings.data_dir, include_path=settings.include_path))
+    settings = settings.within(task_resolution.group_chains(objs))
     for task in task_resolution.leaf_tasks(objs):
         shots = settings.fewshot_for(task.task_name)
         if shots is not None:
@@ -104,7 +114,8 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
     results = lm_eval.simple_evaluate(
         model=DiffusionLMAdapter(model, tokenizer, settings), tasks=objs, limit=settings.limit,
         log_samples=settings.log_samples, apply_chat_template=chat, fewshot_as_multiturn=chat,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+        fewshot_random_seed=settings.fewshot_seed,
         confirm_run_unsafe_code=True, task_manager=TaskManager(include_defaults=False),
     )
     out = {}

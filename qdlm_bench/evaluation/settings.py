@@ -1,62 +1,53 @@
 """Evaluation settings: one flat dataclass, built from the ``eval`` config, plus per-task defaults.
 
-Per-task settings are looked up by task-name prefix (``gsm8k`` matches ``gsm8k`` and
-``gsm8k_local``; longer keys win), from lowest to highest precedence:
+A task's settings, from lowest to highest precedence:
 
 1. built-ins: ``mc_num`` 128, ``max_length`` None (= the model's ``max_seq_len``), and the
    ``GenerationConfig`` defaults;
 2. ``generation_defaults``: the model preset's sampler settings (e.g. Dream's ``alg``), and
    the task YAML's ``max_gen_toks`` as ``gen_length``;
-3. ``STUDY_DEFAULTS`` below (the LLaDA paper's protocol);
+3. ``STUDY_DEFAULTS`` below (the LLaDA paper's protocol): the entry of the task's exact name, else
+   of its nearest group (a group's subtasks inherit it: mmlu_local's subjects, also when run
+   alone; lm-eval's mmlu subjects when run as mmlu). Any other task gets none (``mmlu_pro``, or
+   ``hendrycks_math_algebra`` run alone): its YAML decides;
 4. diffusion keys in the task YAML's ``generation_kwargs`` (any ``GenerationConfig`` field);
 5. ``mc_num`` of the settings when not None (all likelihood tasks);
-6. the settings' ``generation`` entries, and ``num_fewshot`` entries for the few-shot count.
+6. the settings' ``generation`` entries, and ``num_fewshot`` entries for the few-shot count. These
+   overrides are the user's: a key matches a task whose name it prefixes (``gsm8k`` matches
+   ``gsm8k_local``; ``""`` every task) or that is in the group it names; merged least specific
+   first (group keys, then prefixes by length).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from qdlm_bench.generation import GenerationConfig
 
+from . import tasks as task_resolution
+
 GENERATION_KEYS = frozenset(f.name for f in fields(GenerationConfig))
 TASK_KEYS = GENERATION_KEYS | {"mc_num", "max_length"}
+LM_EVAL_FEWSHOT_SEED = 1234  # lm-eval's default few-shot sampler seed (simple_evaluate)
 
 _MATH = {"num_fewshot": 4, "gen_length": 256, "steps": 256, "block_length": 64}
 _QA = {"num_fewshot": 0, "mc_num": 128}
-STUDY_DEFAULTS: dict[str, dict] = {
-    "gsm8k": {"num_fewshot": 4, "gen_length": 256, "steps": 256, "block_length": 32},
-    "minerva_math": _MATH,
-    "hendrycks_math": _MATH,
-    "math500": _MATH,
-    "humaneval": {"num_fewshot": 0, "gen_length": 512, "steps": 512, "block_length": 32},
-    "mbpp": {"num_fewshot": 3, "gen_length": 512, "steps": 512, "block_length": 32},
-    "arc_easy": _QA,
-    "arc_challenge": _QA,
-    "hellaswag": _QA,
-    "piqa": _QA,
-    "winogrande": {"num_fewshot": 5, "mc_num": 128},  # 5-shot as LLaDA's evaluation script
-    "mmlu": {"num_fewshot": 5, "mc_num": 1},
-    "wikitext": {"mc_num": 32},
+_STUDY: list[tuple[str, dict]] = [  # (task and group names, their settings)
+    ("gsm8k gsm8k_local", {"num_fewshot": 4, "gen_length": 256, "steps": 256, "block_length": 32}),
+    ("minerva_math hendrycks_math minerva_math500 math500_local", _MATH),
+    ("humaneval humaneval_local", {"num_fewshot": 0, "gen_length": 512, "steps": 512, "block_length": 32}),
+    ("mbpp mbpp_local", {"num_fewshot": 3, "gen_length": 512, "steps": 512, "block_length": 32}),
+    ("arc_easy arc_easy_local arc_challenge arc_challenge_local hellaswag hellaswag_local piqa piqa_local", _QA),
+    ("winogrande winogrande_local", {"num_fewshot": 5, "mc_num": 128}),  # 5-shot as LLaDA's evaluation script
+    ("mmlu mmlu_local", {"num_fewshot": 5, "mc_num": 1}),
+    ("wikitext wikitext_local", {"mc_num": 32}),
     # our mini tasks (qdlm_bench/zoo), sized so a CPU evaluates all of them in minutes
-    "mini_qa": {"num_fewshot": 0, "mc_num": 8},
-    "mini_ppl": {"mc_num": 8},
-}
-
-
-def longest_prefix(table: Mapping, task: str):
-    """The value of the longest key of ``table`` that prefixes ``task`` (None if none does)."""
-    keys = [k for k in table if task.startswith(k)]
-    return table[max(keys, key=len)] if keys else None
-
-
-def by_prefix(table: Mapping[str, Mapping], task: str) -> dict:
-    """The entries of ``table`` whose key prefixes ``task``, merged shortest key first."""
-    out: dict = {}
-    for key in sorted((k for k in table if task.startswith(k)), key=len):
-        out.update(table[key])
-    return out
+    ("mini_qa", {"num_fewshot": 0, "mc_num": 8}),
+    ("mini_ppl", {"mc_num": 8}),
+]
+STUDY_DEFAULTS: dict[str, dict] = {name: cfg for names, cfg in _STUDY for name in names.split()}
 
 
 @dataclass
@@ -66,14 +57,18 @@ class EvalSettings:
     batch_size: rows per forward pass (generation prompts, likelihood Monte-Carlo samples).
     mc_num: Monte-Carlo samples of every likelihood task; None = the per-task default.
     limit: examples per task (lm-eval's ``limit``; < 1 = a fraction); None = all.
-    num_fewshot: {task or prefix: shots}, over the study defaults and the YAMLs.
-    generation: {task or prefix: {GenerationConfig field | mc_num | max_length: value}}.
+    num_fewshot: {task, group or prefix: shots}, over the study defaults and the YAMLs.
+    generation: {task, group or prefix: {GenerationConfig field | mc_num | max_length: value}}.
     generation_defaults: the model preset's GenerationConfig fields, under everything else.
     apply_chat_template: wrap prompts in the tokenizer's chat template; None = False.
-    seed: python/numpy/torch/few-shot seeds and the likelihood / sampler seed.
+    seed: python/numpy/torch seeds and the likelihood / sampler seed.
+    fewshot_seed: seed of lm-eval's few-shot sampler (which examples a random sampler draws).
     data_dir: folder of the offline data (layout of ../shared/data); None = default_data_dir().
+    include_path: folder(s) of your own task YAMLs (lm-eval's include_path; see ``tasks``).
     log_samples: also return lm-eval's per-sample records under each task's "samples".
     progress: show progress bars of generation and likelihood.
+    groups: {task: its groups, innermost first} of the tasks being run (``within``); the group that
+        generates a task (mmlu_local's subjects) counts too, also when it runs alone.
     """
 
     batch_size: int = 16
@@ -84,15 +79,18 @@ class EvalSettings:
     generation_defaults: dict = field(default_factory=dict)
     apply_chat_template: bool | None = None
     seed: int = 0
+    fewshot_seed: int = LM_EVAL_FEWSHOT_SEED
     data_dir: str | None = None
+    include_path: str | list[str] | None = None
     log_samples: bool = False
     progress: bool = False
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_dict(cls, cfg: Mapping | None = None, *, generation_defaults: Mapping | None = None) -> EvalSettings:
         """Settings from a plain mapping (e.g. the Hydra ``eval`` group); unknown keys are errors."""
         cfg = dict(cfg or {})
-        valid = [f.name for f in fields(cls)]
+        valid = [f.name for f in fields(cls) if f.init]
         unknown = sorted(set(cfg) - set(valid))
         if unknown:
             raise ValueError(f"unknown eval setting(s) {unknown}; valid settings: {valid}")
@@ -114,10 +112,32 @@ class EvalSettings:
             _check_keys(f"generation[{task!r}]", overrides, TASK_KEYS)
         _check_keys("generation_defaults", self.generation_defaults, GENERATION_KEYS)
 
+    def within(self, groups: Mapping[str, tuple[str, ...]]) -> EvalSettings:
+        """A copy that knows the groups around the tasks being run (``tasks.group_chains``)."""
+        out = copy.copy(self)
+        out.groups = dict(groups)
+        return out
+
+    def groups_of(self, task: str) -> tuple[str, ...]:
+        """The groups around ``task``, innermost first, then the group that generates it."""
+        chain = self.groups.get(task, ())
+        group = getattr(task_resolution.task_index(self.include_path).get(task), "group", None)
+        return chain + ((group,) if group and group not in chain else ())
+
+    def study_defaults(self, task: str) -> dict:
+        """The STUDY_DEFAULTS entry of ``task``, else of its nearest group with one, else {}."""
+        return next((STUDY_DEFAULTS[n] for n in (task, *self.groups_of(task)) if n in STUDY_DEFAULTS), {})
+
+    def _override_keys(self, table: Mapping, task: str) -> list[str]:
+        """The keys of ``table`` that match ``task``, least specific first (see the module doc)."""
+        groups = self.groups_of(task)
+        keys = [k for k in table if task.startswith(k) or k in groups]
+        return sorted(keys, key=lambda k: (task.startswith(k), len(k)))
+
     def fewshot_for(self, task: str) -> int | None:
         """Shots for ``task``: an override, else the study default, else None (the task's own)."""
-        shots = longest_prefix(self.num_fewshot, task)
-        return by_prefix(STUDY_DEFAULTS, task).get("num_fewshot") if shots is None else shots
+        keys = self._override_keys(self.num_fewshot, task)
+        return self.num_fewshot[keys[-1]] if keys else self.study_defaults(task).get("num_fewshot")
 
     def for_task(self, task: str, task_kwargs: Mapping | None = None) -> dict:
         """Merged ``mc_num``, ``max_length`` and GenerationConfig fields of ``task``."""
@@ -125,11 +145,12 @@ class EvalSettings:
         out = {"mc_num": 128, "max_length": None, **self.generation_defaults}
         if "max_gen_toks" in task_kwargs:
             out["gen_length"] = int(task_kwargs["max_gen_toks"])
-        out.update({k: v for k, v in by_prefix(STUDY_DEFAULTS, task).items() if k != "num_fewshot"})
+        out.update({k: v for k, v in self.study_defaults(task).items() if k != "num_fewshot"})
         out.update({k: v for k, v in task_kwargs.items() if k in GENERATION_KEYS})
         if self.mc_num is not None:
             out["mc_num"] = self.mc_num
-        out.update(by_prefix(self.generation, task))
+        for key in self._override_keys(self.generation, task):
+            out.update(self.generation[key])
         return out
 
     def generation_config(self, task: str, task_kwargs: Mapping | None = None) -> GenerationConfig:

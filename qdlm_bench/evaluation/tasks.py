@@ -1,21 +1,33 @@
-"""Task names -> lm-eval task configs: the project's tasks/*.yaml, else lm-eval's own tasks.
+"""Task names -> lm-eval task configs: the project's tasks/*.yaml, the task YAMLs under
+``eval.include_path``, else lm-eval's own tasks; and each task's content hash (record keys).
 
 Naming: ``<task>_local`` (``gsm8k_local``, ``mmlu_local``...) are offline variants of real
 benchmarks that read ``data_dir`` (layout of ../shared/data); ``mini_*`` are the embedded tiny
 models' tasks; any other name is an lm-eval task, group or tag (e.g. ``gsm8k``), whose data
 lm-eval downloads, so it needs the network or a filled Hugging Face cache.
 
-In a project YAML, ``{name}`` (single braces; Jinja's ``{{ }}`` is left alone) is a
-placeholder: ``{data_dir}`` everywhere; a group YAML with ``subtasks: {key: [values]}`` and
-``subtask: <template yaml>`` gets one task per value with ``{key}`` filled in (mmlu_local).
+``include_path`` folders follow lm-eval's TaskManager: every ``*.yaml`` under them (recursively)
+that names a ``task:`` is available by that name (over a project or lm-eval task of the same name);
+its ``!function`` helpers resolve relative to the YAML's own folder. A group there takes the
+project's ``subtasks`` form (below); a file that does not parse is skipped, as lm-eval does.
+
+In a project or included YAML, ``{name}`` (single braces; Jinja's ``{{ }}`` is left alone) is a
+placeholder: ``{data_dir}`` (the offline data folder) and ``{task_dir}`` (the folder of the task's
+YAML) everywhere; a file path holding either must exist before any model work. A group YAML with
+``subtasks: {key: [values]}`` and ``subtask: <template yaml>`` gets one task per value with
+``{key}`` filled in (mmlu_local); each such task can also be run alone (``mmlu_local_anatomy``).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 import re
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -23,8 +35,11 @@ import yaml
 from qdlm_bench.paths import PACKAGE_DIR, TASKS_DIR
 
 _PLACEHOLDER = re.compile(r"(?<!\{)\{(\w+)\}(?!\})")
+_PATH_PLACEHOLDERS = ("data_dir", "task_dir")
 # a top-level task/group/tag key (quoted or not): its inline value, then its "- item" lines
-_NAME_KEY = re.compile(rb"""^(['"]?)(?:task|group|tag)\1:([^\n#]*)((?:\n[ \t]*-[^\n#]*)*)""", re.M)
+_NAME_KEY = re.compile(rb"""^(['"]?)(task|group|tag)\1:([^\n#]*)((?:\n[ \t]*-[^\n#]*)*)""", re.M)
+_INCLUDE_KEY = re.compile(rb"""^['"]?include['"]?:([^\n#]+)""", re.M)
+_IGNORE_DIRS = {"__pycache__", ".ipynb_checkpoints"}  # as lm-eval's index
 DATA_HELP = ("Set eval.data_dir=<folder> (or $QDLM_DATA_DIR) to a copy of the offline data "
              "(layout of ../shared/data, see its README.md).")
 
@@ -39,33 +54,70 @@ def default_data_dir() -> Path:
     return checkout.parent / "shared" / "data" if (checkout / "pyproject.toml").is_file() else Path("data").resolve()
 
 
-class _PlainLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-    """Reads task YAMLs without lm-eval: a tagged value (``!function mod.fn``) reads as its plain text."""
+class Tagged(str):
+    """A tagged YAML scalar read without lm-eval (``!function mod.fn``): its text, its tag and
+    the folder of the YAML file that holds it (where lm-eval looks for ``mod.py``)."""
+
+    tag: str
+    base: Path
+
+    def __new__(cls, text: str, tag: str, base: Path):
+        obj = super().__new__(cls, text)
+        obj.tag, obj.base = tag, base
+        return obj
 
 
-def _untagged(loader, suffix, node):
-    if isinstance(node, yaml.ScalarNode):
-        return loader.construct_scalar(node)
-    return loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else loader.construct_mapping(node)
+def _plain_loader(base: Path) -> type:
+    """A safe YAML loader reading a tagged value as plain data (scalars as ``Tagged``)."""
 
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        pass
 
-_PlainLoader.add_multi_constructor("!", _untagged)
+    def untagged(loader, suffix, node):
+        if isinstance(node, yaml.ScalarNode):
+            return Tagged(loader.construct_scalar(node), "!" + suffix, base)
+        sequence = isinstance(node, yaml.SequenceNode)
+        return loader.construct_sequence(node) if sequence else loader.construct_mapping(node)
+
+    Loader.add_multi_constructor("!", untagged)
+    return Loader
 
 
 def read_yaml(path: Path, functions: bool = False) -> dict:
     """A task YAML with its ``include:`` files merged under it (as lm-eval merges them);
-    ``functions`` imports ``!function`` values (lm-eval's loader), else they stay text."""
+    ``functions`` imports ``!function`` values (lm-eval's loader), else they stay ``Tagged`` text."""
     if functions:
         from lm_eval.tasks._yaml_loader import load_yaml
         return load_yaml(path)
-    cfg = yaml.load(path.read_text(), Loader=_PlainLoader)  # noqa: S506 (a safe loader)
+    cfg = yaml.load(Path(path).read_text(), Loader=_plain_loader(Path(path).parent))  # noqa: S506 (a safe loader)
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} holds no YAML mapping")
     includes = cfg.pop("include", [])
     merged: dict = {}
     for inc in includes if isinstance(includes, list) else [includes]:
-        merged |= {k: v for k, v in read_yaml(path.parent / inc).items() if k != "task_list"}
+        merged |= {k: v for k, v in read_yaml(Path(path).parent / inc).items() if k != "task_list"}
     return merged | cfg
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """Where a project or included task is defined: its YAML file, or for a subtask generated by a
+    group (``mmlu_local_anatomy``) the group's template with the subtask's placeholder value."""
+
+    path: Path
+    values: dict[str, str] = field(default_factory=dict)
+    group: str | None = None
+
+
+def _entries(name: str, path: Path, cfg: dict) -> dict[str, TaskEntry]:
+    """The task or group ``name`` defined by ``path``, and the subtasks the group generates."""
+    out = {name: TaskEntry(path)}
+    if "subtasks" in cfg:
+        template = path.parent / cfg["subtask"]
+        pattern = read_yaml(template)["task"]
+        ((key, values),) = cfg["subtasks"].items()
+        out |= {_fill(pattern, {key: v}, []): TaskEntry(template, {key: v}, name) for v in values}
+    return out
 
 
 @functools.cache
@@ -82,22 +134,88 @@ def local_tasks() -> dict[str, Path]:
     return index
 
 
+def include_folders(include_path: str | Path | list | tuple | None) -> tuple[str, ...]:
+    """``eval.include_path`` (one folder or a list) as absolute folder paths."""
+    if not include_path:
+        return ()
+    folders = include_path if isinstance(include_path, (list, tuple)) else [include_path]
+    return tuple(str(Path(f).expanduser().resolve()) for f in folders)
+
+
 @functools.cache
+def _included(folders: tuple[str, ...]) -> tuple[dict[str, TaskEntry], tuple[str, ...]]:
+    """(name -> entry, files that could not be read) of the task YAMLs under ``folders``."""
+    index, unreadable = {}, []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ValueError(f"eval.include_path: {folder} is not a folder")
+        for path in sorted(Path(folder).glob("**/*.yaml")):
+            if _IGNORE_DIRS.intersection(path.parts):
+                continue
+            try:
+                cfg = read_yaml(path)
+                name = cfg.get("group") if "subtasks" in cfg else cfg.get("task")
+                if isinstance(name, str) and not _PLACEHOLDER.search(name):  # else a template
+                    index |= _entries(name, path, cfg)
+            except (OSError, ValueError, KeyError, yaml.YAMLError) as err:  # lm-eval skips these too
+                unreadable.append(f"{path} ({type(err).__name__}: {str(err).partition(chr(10))[0]})")
+    return index, tuple(unreadable)
+
+
+def task_index(include_path=None) -> dict[str, TaskEntry]:
+    """Every project task, group and generated subtask, then those under ``include_path`` (which
+    win); indexed once per process."""
+    return _task_index(include_folders(include_path))
+
+
+@functools.cache
+def _task_index(folders: tuple[str, ...]) -> dict[str, TaskEntry]:
+    index = {}
+    for name, path in local_tasks().items():
+        index |= _entries(name, path, read_yaml(path))
+    return index | _included(folders)[0]
+
+
+@functools.cache
+def _lm_eval_scan() -> tuple[frozenset[str], dict[str, tuple[Path, ...]]]:
+    """(every task/group/tag value in lm-eval's task files, name -> the files that define it), read
+    with a regex in ~1 s (lm-eval's own index takes ~20 s). A file defines its ``task:`` and ``group:``
+    scalars and its ``tag:`` values; a group's ``task:`` list only refers to names."""
+    names, defined, tags, includers = set(), defaultdict(list), set(), defaultdict(list)
+    for folder, dirs, files in os.walk(_lm_eval_tasks_dir()):
+        dirs[:] = sorted(d for d in dirs if d not in _IGNORE_DIRS)
+        for file in sorted(files):
+            if file.endswith((".py", ".md")):
+                continue
+            path = Path(folder) / file
+            text = path.read_bytes()
+            for _, key, inline, items in _NAME_KEY.findall(text):
+                inline = inline.strip()
+                values = inline.strip(b"[]").split(b",") + [i.strip()[1:] for i in items.strip().splitlines()]
+                values = [v.strip(b" \t'\"").decode(errors="replace") for v in values if v.strip()]
+                names.update(values)
+                if key == b"tag" or (inline and not inline.startswith(b"[")):
+                    for value in values:
+                        defined[value].append(path)
+                    tags.update(values if key == b"tag" else ())
+            for inc in _INCLUDE_KEY.findall(text):
+                includers[path.parent / inc.strip(b" \t'\"").decode(errors="replace")].append(path)
+    for tag in tags:  # a task including a tagged file carries its tag (arc_challenge: ai2_arc)
+        files = defined[tag]
+        for path in files:  # grows while walked: includers of includers too
+            files.extend(p for p in includers.get(path, ()) if p not in files)
+    return frozenset(names), {k: tuple(v) for k, v in defined.items()}
+
+
+def _lm_eval_tasks_dir() -> Path:
+    return Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0], "tasks")
+
+
 def lm_eval_names() -> frozenset[str]:
-    """The names lm-eval's task index may hold (tasks, groups, tags), read without importing lm-eval
-    in ~1 s (its index takes ~20 s): every ``task``/``group``/``tag`` value of its task files,
-    included templates too. A superset of the index (checked on lm-eval 0.4.13): a name not here is
-    no lm-eval task."""
-    root = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0], "tasks")
-    names = set()
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for file in files:
-            if not file.endswith((".py", ".md")):
-                for _, inline, items in _NAME_KEY.findall((Path(folder) / file).read_bytes()):
-                    values = inline.strip(b" \t[]").split(b",") + [i.strip()[1:] for i in items.strip().splitlines()]
-                    names.update(v.strip(b" \t'\"").decode(errors="replace") for v in values if v.strip())
-    return frozenset(names)
+    """The names lm-eval's task index may hold (tasks, groups, tags), read without importing lm-eval:
+    every ``task``/``group``/``tag`` value of its task files, included templates too. A superset of
+    the index (checked on lm-eval 0.4.13): a name not here is no lm-eval task."""
+    return _lm_eval_scan()[0]
 
 
 @functools.cache
@@ -107,12 +225,16 @@ def lm_eval_tasks():
     return TaskManager()
 
 
-def _fill(obj, values: dict[str, str], data_paths: list[str]):
-    """``obj`` with placeholders filled; strings that held ``{data_dir}`` go to ``data_paths``."""
+def _fill(obj, values: dict[str, str], data_paths: list[tuple[str, str]]):
+    """``obj`` with placeholders filled; strings that held ``{data_dir}``/``{task_dir}`` go to
+    ``data_paths`` as (placeholder, filled string)."""
+    if isinstance(obj, Tagged):
+        return obj
     if isinstance(obj, str):
         filled = _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), obj)
-        if filled != obj and "{data_dir}" in obj:
-            data_paths.append(filled)
+        root = next((p for p in _PATH_PLACEHOLDERS if f"{{{p}}}" in obj and p in values), None)
+        if root:
+            data_paths.append((root, filled))
         return filled
     if isinstance(obj, dict):
         return {k: _fill(v, values, data_paths) for k, v in obj.items()}
@@ -121,22 +243,36 @@ def _fill(obj, values: dict[str, str], data_paths: list[str]):
     return obj
 
 
-def _resolve_local(path: Path, data_dir: Path, functions: bool) -> tuple[dict, list[str]]:
-    cfg, data_paths = read_yaml(path, functions), []
-    values = {"data_dir": str(data_dir)}
+def _resolve(entry: TaskEntry, data_dir: Path, functions: bool) -> tuple[dict, list[tuple[str, str]]]:
+    """(task config, its data paths as (placeholder, path)) of ``entry``."""
+    cfg, data_paths = read_yaml(entry.path, functions), []
+    values = {"data_dir": str(data_dir), "task_dir": str(entry.path.parent), **entry.values}
     if "subtasks" in cfg:
-        template = read_yaml(path.parent / cfg.pop("subtask"), functions)
+        template = read_yaml(entry.path.parent / cfg.pop("subtask"), functions)
         ((key, names),) = cfg.pop("subtasks").items()
         cfg["task"] = [_fill(template, {**values, key: name}, data_paths) for name in names]
         return cfg, data_paths
     return _fill(cfg, values, data_paths), data_paths
 
 
-def resolve_tasks(names: list[str], data_dir: str | Path | None = None, functions: bool = True) -> list[dict | str]:
-    """Task configs for ``names``: a dict per project task, the name itself for lm-eval tasks.
+def _unknown(name: str, include_path) -> ValueError:
+    included, unreadable = _included(include_folders(include_path))
+    text = (f"unknown task {name!r}. Project tasks (tasks/*.yaml, offline): {', '.join(sorted(local_tasks()))} "
+            "(one MMLU subject: mmlu_local_<subject>, e.g. mmlu_local_anatomy)")
+    if include_folders(include_path):
+        text += f"; under eval.include_path: {', '.join(sorted(included)) or 'none'}"
+        text += f" (unreadable: {'; '.join(unreadable)})" if unreadable else ""
+    return ValueError(text + ". Any lm-eval task, group or tag name is also accepted (lm-eval downloads "
+                      "its data: network or a filled HF cache needed); eval.include_path=<folder> adds your "
+                      "own task YAMLs.")
 
-    Raises ValueError, before any model work, for an unknown name (listing the project's
-    tasks) or a project task whose data files are missing under ``data_dir``. ``functions=False``
+
+def resolve_tasks(names: list[str], data_dir: str | Path | None = None, functions: bool = True,
+                  include_path=None) -> list[dict | str]:
+    """Task configs for ``names``: a dict per project or included task, the name itself for lm-eval tasks.
+
+    Raises ValueError, before any model work, for an unknown name (listing the known tasks) or a
+    task whose data files (``{data_dir}``/``{task_dir}`` paths) are missing. ``functions=False``
     leaves ``!function`` values as text (no lm-eval import: the configuration check).
     """
     if not names:
@@ -144,31 +280,131 @@ def resolve_tasks(names: list[str], data_dir: str | Path | None = None, function
     if len(set(names)) != len(names):
         raise ValueError(f"a task is listed twice in {list(names)}")
     data_dir = Path(data_dir or default_data_dir())
+    index = task_index(include_path)
     specs = []
     for name in names:
-        if name not in local_tasks():
+        if name not in index:
             if name not in lm_eval_names():
-                raise ValueError(
-                    f"unknown task {name!r}. Project tasks (tasks/*.yaml, offline): "
-                    f"{', '.join(sorted(local_tasks()))}. Any lm-eval task, group or tag name is also "
-                    "accepted (lm-eval downloads its data: network or a filled HF cache needed).")
+                raise _unknown(name, include_path)
             specs.append(name)
             continue
-        spec, data_paths = _resolve_local(local_tasks()[name], data_dir, functions)
-        missing = [p for p in data_paths if not Path(p).exists()]
+        spec, data_paths = _resolve(index[name], data_dir, functions)
+        missing = [(root, p) for root, p in data_paths if not Path(p).exists()]
+        if missing and missing[0][0] == "task_dir":
+            raise ValueError(f"task {name!r} needs {missing[0][1]}, which does not exist ({len(missing)} missing "
+                             f"file(s); {{task_dir}} is the folder of {index[name].path})")
         if missing and not data_dir.is_dir():
-            raise ValueError(f"task {name!r} reads its data from data_dir={data_dir}, which does not exist. {DATA_HELP}")
+            raise ValueError(f"task {name!r} reads its data from data_dir={data_dir}, which does not exist. "
+                             + DATA_HELP)
         if missing:
-            raise ValueError(f"task {name!r} needs {missing[0]}, which does not exist ({len(missing)} missing "
+            raise ValueError(f"task {name!r} needs {missing[0][1]}, which does not exist ({len(missing)} missing "
                              f"file(s) under data_dir={data_dir}). {DATA_HELP}")
         specs.append(spec)
     return specs
 
 
-def validate_tasks(names: list[str], data_dir: str | Path | None = None) -> None:
-    """Raise ValueError for unknown tasks or missing data (see ``resolve_tasks``); loads lm-eval
-    only for a name that is not a project task."""
-    resolve_tasks(names, data_dir, functions=False)
+def validate_tasks(names: list[str], data_dir: str | Path | None = None, include_path=None) -> None:
+    """Raise ValueError for unknown tasks or missing data (see ``resolve_tasks``); loads neither
+    torch nor lm-eval."""
+    resolve_tasks(names, data_dir, functions=False, include_path=include_path)
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file (a folder: of its files' relative paths and digests), read in 1 MiB chunks;
+    cached by path, size and mtime for the process."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return _digest({str(p.relative_to(path)): file_digest(p) for p in files})
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plain(obj):
+    """A read YAML as JSON-able data: tagged values as ``"<tag> <text>"``."""
+    if isinstance(obj, Tagged):
+        return f"{obj.tag} {obj}"
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    return [_plain(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def _helpers(obj, root: Path, found: dict[str, Path]) -> dict[str, Path]:
+    """The local helper files named by ``!function mod.fn`` values of a read YAML (``mod.py`` beside
+    the YAML holding it, as lm-eval resolves it), keyed by their path relative to ``root``."""
+    if isinstance(obj, Tagged) and obj.tag == "!function":
+        path = obj.base / (obj.rpartition(".")[0].replace(".", "/") + ".py")
+        if path.is_file():
+            found[os.path.relpath(path, root)] = path
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _helpers(v, root, found)
+    elif isinstance(obj, list):
+        for v in obj:
+            _helpers(v, root, found)
+    return found
+
+
+def lm_eval_files(name: str) -> dict:
+    """lm-eval's files defining ``name`` (a group: its subtasks' too), each read after its includes
+    (a file the plain reader cannot read: its bytes' digest), by path under lm_eval/tasks."""
+    defined, root = _lm_eval_scan()[1], _lm_eval_tasks_dir()
+    files: dict[str, object] = {}
+    todo, seen = [name], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for path in defined.get(current, ()):
+            key = str(path.relative_to(root))
+            try:
+                files[key] = cfg = read_yaml(path)
+            except (OSError, ValueError, yaml.YAMLError):
+                files[key], cfg = {"bytes": file_digest(path)}, {}
+            if cfg.get("group") == current and isinstance(cfg.get("task"), list):
+                todo += [t for t in cfg["task"] if isinstance(t, str)]
+    return files
+
+
+def task_hash(name: str, data_dir: str | Path | None = None, include_path=None) -> str:
+    """16 hex digits identifying ``name``'s definition by content: its YAML (after includes; for a
+    generated subtask, the template and its value), the local helper files of its ``!function``
+    values and its data files (``{data_dir}``/``{task_dir}`` paths, named relative to that folder);
+    for an lm-eval task, its installed YAML files (a group: its subtasks' too) and their helpers.
+    Locations are not part of it: a moved copy of a task hashes the same."""
+    entry = task_index(include_path).get(name)
+    if entry is None:
+        yamls, data, root = lm_eval_files(name), {}, _lm_eval_tasks_dir()
+    else:
+        root = entry.path.parent
+        yamls = {"yaml": read_yaml(entry.path), "values": entry.values}
+        if "subtasks" in yamls["yaml"]:
+            yamls["subtask"] = read_yaml(entry.path.parent / yamls["yaml"]["subtask"])
+        data_dir = Path(data_dir or default_data_dir())
+        roots = {"data_dir": data_dir, "task_dir": root}
+        data = {os.path.relpath(p, roots[root]): file_digest(p) for root, p in _resolve(entry, data_dir, False)[1]}
+    helpers = {rel: file_digest(path) for rel, path in _helpers(yamls, root, {}).items()}
+    return _digest({"yaml": _plain(yamls), "helpers": helpers, "data": data})[:16]
+
+
+def task_hashes(names: list[str], data_dir: str | Path | None = None, include_path=None) -> dict[str, str]:
+    """``{task: task_hash(task)}`` of ``names`` (the record key holds them)."""
+    return {name: task_hash(name, data_dir, include_path) for name in names}
 
 
 def build_tasks(specs: list[dict | str]) -> list:
@@ -203,3 +439,21 @@ def leaf_tasks(objs: list) -> list:
     """The Tasks in a list of Tasks and Groups."""
     from lm_eval.api.group import Group
     return [t for o in objs for t in (o.get_all_tasks() if isinstance(o, Group) else [o])]
+
+
+def group_chains(objs: list) -> dict[str, tuple[str, ...]]:
+    """``{task name: the groups around it, innermost first}`` of built Tasks and Groups."""
+    from lm_eval.api.group import Group
+
+    chains: dict[str, tuple[str, ...]] = {}
+
+    def walk(obj, outer: tuple[str, ...]):
+        if isinstance(obj, Group):
+            for child in obj:
+                walk(child, (obj.name, *outer))
+        else:
+            chains[obj.task_name] = outer
+
+    for obj in objs:
+        walk(obj, ())
+    return chains
