@@ -28,6 +28,7 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -178,11 +179,32 @@ def _task_index(folders: tuple[str, ...]) -> dict[str, TaskEntry]:
 
 @functools.cache
 def _lm_eval_scan() -> tuple[frozenset[str], dict[str, tuple[Path, ...]]]:
-    """(every task/group/tag value in lm-eval's task files, name -> the files that define it), read
-    with a regex in ~1 s (lm-eval's own index takes ~20 s). A file defines its ``task:`` and ``group:``
-    scalars and its ``tag:`` values; a group's ``task:`` list only refers to names."""
+    """``_scan_lm_eval`` of the installed lm-eval, kept on disk per lm-eval version and install
+    folder (``$XDG_CACHE_HOME/qdlm-bench``): an unknown task name fails in well under a second."""
+    root = _lm_eval_tasks_dir()
+    tag = hashlib.sha256(f"{metadata.version('lm_eval')}|{root}|{root.stat().st_mtime_ns}".encode()).hexdigest()
+    file = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "qdlm-bench" / f"lm_eval_tasks-{tag[:16]}.json"
+    try:
+        data = json.loads(file.read_text())
+        return frozenset(data["names"]), {k: tuple(map(Path, v)) for k, v in data["defined"].items()}
+    except (OSError, ValueError, KeyError):
+        names, defined = _scan_lm_eval(root)
+    try:  # best effort: an unwritable cache folder only costs the scan next time
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"names": sorted(names), "defined": {k: list(map(str, v)) for k, v in defined.items()}}))
+        os.replace(tmp, file)
+    except OSError:
+        pass
+    return names, defined
+
+
+def _scan_lm_eval(root: Path) -> tuple[frozenset[str], dict[str, tuple[Path, ...]]]:
+    """(every task/group/tag value in lm-eval's task files under ``root``, name -> the files that
+    define it), read with a regex in ~1 s (lm-eval's own index takes ~20 s). A file defines its
+    ``task:`` and ``group:`` scalars and its ``tag:`` values; a group's ``task:`` list only refers to names."""
     names, defined, tags, includers = set(), defaultdict(list), set(), defaultdict(list)
-    for folder, dirs, files in os.walk(_lm_eval_tasks_dir()):
+    for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in _IGNORE_DIRS)
         for file in sorted(files):
             if file.endswith((".py", ".md")):
