@@ -38,7 +38,7 @@ from torch import nn
 
 from qdlm_bench import analysis, plots
 from qdlm_bench.calibration import apply_masking
-from qdlm_bench.models.transformer import LINEAR_NAMES
+from qdlm_bench.models.config import LINEAR_NAMES
 from qdlm_bench.quant import QuantLinear, linear_layers
 from qdlm_bench.report import slug
 

@@ -11,8 +11,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qdlm_bench import methods
-import qdlm_bench.methods.awq
-import qdlm_bench.methods.gptq
 from qdlm_bench.methods.dllmquant import CGQOptions, IAAQOptions
 from qdlm_bench import pipeline, runspec
 from qdlm_bench.calibration import CalibSet, confidences

@@ -32,7 +32,7 @@ module on first use.
 
 from qdlm_bench.lazy import lazy_exports
 
-from .config import MASK_DISTS, PROMPTS_PREFIX, CalibConfig
+from .config import MASK_DISTS as MASK_DISTS, PROMPTS_PREFIX as PROMPTS_PREFIX, CalibConfig as CalibConfig
 
 _EXPORTS = {
     ".sources": ["DATA_SOURCES", "GENERATED_SOURCES", "PROJECT_SOURCES", "read_text", "resolve_source",

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LINEAR_NAMES, DLLMConfig
+from .config import DLLMConfig
 
 
 
