@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     try:
-        runspec.build(plain)
+        spec = runspec.build(plain)
         if cfg.baseline not in BASELINE:
             raise runspec.ConfigError(f"baseline={cfg.baseline!r}; use one of {', '.join(BASELINE)}")
         from qdlm_bench import pipeline  # torch, lm-eval, transformers: only once the config is valid
@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> None:
                         wandb_cfg=plain["wandb"] | {"group": sweep_name(cfg)})
         if cfg.baseline == "auto" and HydraConfig.get().mode == RunMode.MULTIRUN:
             pipeline.ensure_baseline(plain, **run_args)
-        record = pipeline.run(plain, force=cfg.force, **run_args)
+        record = pipeline.run(plain, force=cfg.force, spec=spec, **run_args)
     except runspec.ConfigError as err:
         log.error("invalid configuration: %s", err)
         sys.exit(2)

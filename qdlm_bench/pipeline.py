@@ -49,13 +49,14 @@ def execute(spec: runspec.RunSpec, timings: dict) -> dict:
 
 
 def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str | None = None,
-        wandb_cfg: dict | None = None) -> dict:
-    """Run one configuration (a resolved Hydra config as a dict) and return its record.
+        wandb_cfg: dict | None = None, spec: runspec.RunSpec | None = None) -> dict:
+    """Run one configuration (a resolved Hydra config as a dict; ``spec``: its RunSpec when the
+    caller has built it) and return its record.
 
     Invalid configs raise ConfigError before any work. A finished run is skipped unless
     ``force``; a run that fails is recorded with status "failed" and its traceback.
     """
-    spec = runspec.build(cfg)
+    spec = spec or runspec.build(cfg)
     try:
         wandb_logger = tracking.WandbLogger(**(wandb_cfg or {}))
     except (TypeError, ValueError) as err:
