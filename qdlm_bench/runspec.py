@@ -7,7 +7,6 @@ until the last step (``device``/``dtype``), so a configuration error takes well 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from qdlm_bench import evaluation, methods
 from qdlm_bench.calibration import CalibConfig
+from qdlm_bench.digest import checkpoint_fingerprint
 from qdlm_bench.evaluation import tasks as task_defs
 from qdlm_bench.paths import ZOO_DIR
 from qdlm_bench.quant.spec import QuantSpec, QuantSpecError
@@ -59,20 +59,6 @@ class RunSpec:
             quant.update(act_sym=q.a_sym, act_clip_ratio=q.a_clip_ratio, act_layers=list(q.act_layers))
         return {"model": model, "method": self.method, **calib, "quant": quant,
                 "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed}
-
-
-def checkpoint_fingerprint(folder: str, sample: int = 1 << 20) -> str:
-    """Identifies a local checkpoint by content, not location: its config.json, and each weight
-    file's size, first and last MiB (cheap for 16 GB, and any two trained checkpoints differ there)."""
-    folder = Path(folder).expanduser()
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in sorted(folder.glob("*.safetensors")):
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(sample)
-            f.seek(max(0, size - sample))
-            digest.update(f"{path.name}:{size}".encode() + head + f.read(sample))
-    return "local:" + digest.hexdigest()[:16]
 
 
 def resolve_device(device: str) -> str:

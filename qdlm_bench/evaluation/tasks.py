@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from qdlm_bench.digest import file_digest, object_digest
 from qdlm_bench.paths import PACKAGE_DIR, TASKS_DIR
 
 _PLACEHOLDER = re.compile(r"(?<!\{)\{(\w+)\}(?!\})")
@@ -331,31 +332,6 @@ def validate_tasks(names: list[str], data_dir: str | Path | None = None, include
     resolve_tasks(names, data_dir, functions=False, include_path=include_path)
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file (a folder: of its files' relative paths and digests), read in 1 MiB chunks;
-    cached by path, size and mtime for the process."""
-    path = Path(path).resolve()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return _digest({str(p.relative_to(path)): file_digest(p) for p in files})
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _plain(obj):
     """A read YAML as JSON-able data: tagged values as ``"<tag> <text>"``."""
     if isinstance(obj, Tagged):
@@ -421,7 +397,7 @@ def task_hash(name: str, data_dir: str | Path | None = None, include_path=None) 
         roots = {"data_dir": data_dir, "task_dir": root}
         data = {os.path.relpath(p, roots[root]): file_digest(p) for root, p in _resolve(entry, data_dir, False)[1]}
     helpers = {rel: file_digest(path) for rel, path in _helpers(yamls, root, {}).items()}
-    return _digest({"yaml": _plain(yamls), "helpers": helpers, "data": data})[:16]
+    return object_digest({"yaml": _plain(yamls), "helpers": helpers, "data": data})[:16]
 
 
 def task_hashes(names: list[str], data_dir: str | Path | None = None, include_path=None) -> dict[str, str]:
