@@ -10,6 +10,7 @@ so that a bad option fails in seconds: exit status 2 and "invalid configuration:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from qdlm_bench.paths import CONF_DIR
 from qdlm_bench.sweep_report import JOB_RECORD
 
 log = logging.getLogger("qdlm_bench")
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True)  # output folders: conf/config.yaml
 BASELINE = ("auto", "skip")  # auto: each quantized job of a sweep makes sure its FP baseline record exists
 
 
