@@ -5,14 +5,20 @@ quantized afterwards by the recipe's ``install_quantizers`` when ``a < 16``, as 
 model's dtype with Hessians in float32. Biases (Dream's q/k/v) are left untouched.
 
 The solver follows the reference implementation (IST-DASLab ``gptq.py``, ``fasterquant``; AutoGPTQ's
-is the same): dead columns, dampening ``damp * mean(diag H)`` (raised x10 when Cholesky fails),
-Cholesky of ``H^-1``, lazy batch updates over blocks of columns, act-order with optional static
+is the same): dead columns, dampening ``damp * mean(diag H)``, Cholesky of ``H^-1``, lazy batch updates over blocks of columns, act-order with optional static
 groups. Per-row parameters come from the weights as given; a group's, when the group starts, from
 the full matrix ``W``, which the lazy batch update changes only after each block: the weights as
 they stood when the group's block started. The grid is GPTQ's (``quant.quantizer``, ``"gptq"``:
 symmetric over all ``2^b`` codes); QuaRot passes its own. Token weights in ``Hessian.add`` let
 weighted variants (DLLMQuant's CGQ) reuse it; the linears that share an input (and so a Hessian)
 are solved as one stacked matrix.
+
+A Hessian that Cholesky cannot factor: the reference and AutoGPTQ raise at once (torch's
+``linalg.cholesky`` error; the fix is a larger ``damp_percent``); GPTQModel raises ``damp`` by a fixed
+step until it reaches 1. Here, deliberately, ``damp`` is raised x10 (with a warning) up to 1.0, and
+the run then fails with ``NumericalFault("hessian_not_pd", layer)`` naming the layer(s); a Hessian
+holding NaN or Inf (non-finite calibration inputs) fails the same way without retries. Never a
+silent fallback: a layer is either solved or the run fails.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Annotated
 from pydantic import Field
 
 from qdlm_bench import quant
+from qdlm_bench.faults import NumericalFault
 from qdlm_bench.lazy import lazy_import, no_grad
 
 from . import options, register
@@ -60,7 +67,12 @@ class Hessian:
 
 
 def _hinv_cholesky(H: torch.Tensor, damp: float, max_damp: float, name: str):
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, raising ``damp`` x10 until it works."""
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, raising ``damp`` x10 until it works;
+    ``NumericalFault("hessian_not_pd", name)`` when ``H`` is not finite or ``damp`` passes ``max_damp``."""
+    if not bool(torch.isfinite(H).all()):
+        bad = int((~torch.isfinite(H)).sum())
+        raise NumericalFault("hessian_not_pd", name, f"the Hessian holds {bad} NaN/Inf entries "
+                             "(non-finite calibration inputs of this layer)")
     mean_diag = torch.diag(H).mean()
     eye = torch.eye(H.shape[0], device=H.device)
     while True:
@@ -70,7 +82,8 @@ def _hinv_cholesky(H: torch.Tensor, damp: float, max_damp: float, name: str):
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
         if damp >= max_damp:
-            raise RuntimeError(f"GPTQ {name}: Hessian not positive definite even with damp={damp}")
+            raise NumericalFault("hessian_not_pd", name, f"GPTQ: Cholesky failed even with damp={damp:g} "
+                                 f"(max_damp={max_damp:g}); more or longer calibration samples may help")
         new = damp * 10 if damp > 0 else 1e-6
         warnings.warn(f"GPTQ {name}: Cholesky failed with damp={damp:g}; retrying with damp={new:g}")
         damp = new

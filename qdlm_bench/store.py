@@ -9,27 +9,51 @@ when read. Writes are atomic: a reader sees the old file or the new one, never a
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
 import tempfile
 import warnings
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qdlm_bench import __version__
 from qdlm_bench.quant.spec import QuantSpec, QuantSpecError
 
+log = logging.getLogger("qdlm_bench")
+
 BASELINE_FIELDS = ("model", "tasks", "eval", "dtype", "seed")
 _DERIVED = ("key", "baseline_key", "spec", "precision")  # new_record computes these; callers cannot set them
 RECORD_DEFAULTS: dict[str, Any] = {
-    "sweep": None, "status": "done", "error": None, "metrics": {}, "timings": {}, "device": None,
+    "sweep": None, "status": "done", "error": None, "fault": None, "metrics": {}, "timings": {}, "device": None,
 }
+LOCK_DIR = ".locks"
+STATUSES = ("done", "failed")
+
+
+class StoreError(ValueError):
+    """The result store cannot be used (a file, not a folder; not writable); the message says the fix."""
+
+
+class CorruptRecordError(ValueError):
+    """A record file exists but is not a readable record; the message names the path and the fix."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"unreadable result record {path}: {reason}; delete the file, or rerun with "
+                         "force=true to replace it")
+
+
+class CorruptRecordWarning(UserWarning):
+    """``ResultStore.records`` skipped an unreadable record file."""
 
 
 def _canonical(obj: Any) -> str:
@@ -112,59 +136,125 @@ def new_record(spec: dict, **fields: Any) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
     }
     record.update(fields)
-    if record["status"] not in ("done", "failed"):
+    if record["status"] not in STATUSES:
         raise ValueError(f"status must be 'done' or 'failed', got {record['status']!r}")
     return record
 
 
 class ResultStore:
-    """A folder of records, one `<key>.json` per run."""
+    """A folder of records, one `<key>.json` per run. ``skipped``: {path: reason} of the unreadable
+    record files ``records`` has met."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.skipped: dict[Path, str] = {}
 
     def path_for(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
-    def _read(self, path: Path) -> dict | None:
+    def check_writable(self) -> None:
+        """Make sure records can be written under ``root`` (creating the folder): raise StoreError
+        when it is a file or cannot be created or written (a probe file is created and removed)."""
+        fix = "pass store=<a writable folder>"
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"result store {self.root} is a file, not a folder; move the file away or {fix}")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot create the result store folder {self.root}: {err.strerror or err}; "
+                             f"{fix}") from None
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise StoreError(f"cannot write to the result store {self.root}: {err.strerror or err}; "
+                             f"fix its permissions or {fix}") from None
+
+    def load(self, path: str | os.PathLike) -> dict:
         """The record at `path`, with its ``precision`` filled in when it predates that field;
-        None (with a warning) if it is unreadable or not a record."""
+        CorruptRecordError if it cannot be read or is not a record."""
+        path = Path(path)
         try:
             record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            warnings.warn(f"skipping unreadable record {path}: {exc}", stacklevel=3)
-            return None
-        if not isinstance(record, dict) or "key" not in record or "spec" not in record:
-            warnings.warn(f"skipping {path}: not a result record", stacklevel=3)
-            return None
+        except json.JSONDecodeError as err:
+            raise CorruptRecordError(path, f"invalid JSON ({err})") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise CorruptRecordError(path, f"cannot be read ({err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "key" not in record:
+            raise CorruptRecordError(path, "not a result record (a JSON object with key and spec)")
+        try:
+            key = spec_key(record["spec"])
+        except (TypeError, ValueError) as err:
+            raise CorruptRecordError(path, f"its spec cannot be hashed ({err})") from None
+        if record["key"] != key:
+            raise CorruptRecordError(path, f"its key {record['key']!r} is not the hash of its spec ({key})")
+        if record.get("status", "done") not in STATUSES:
+            raise CorruptRecordError(path, f"status {record.get('status')!r} is not one of {STATUSES}")
         if "precision" not in record:
             try:
                 record["precision"] = precision(record["spec"])
-            except QuantSpecError as exc:
-                warnings.warn(f"skipping {path}: {exc}", stacklevel=3)
-                return None
+            except (QuantSpecError, AttributeError, TypeError) as err:
+                raise CorruptRecordError(path, f"its bits cannot be read ({err})") from None
         return record
 
+    def _read(self, path: Path) -> dict | None:
+        """``load(path)``, or None with a CorruptRecordWarning (and ``skipped[path]``)."""
+        try:
+            return self.load(path)
+        except CorruptRecordError as err:
+            self.skipped[path] = err.reason
+            warnings.warn(f"skipping {path}: {err.reason}", CorruptRecordWarning, stacklevel=3)
+            return None
+
     def get(self, key: str) -> dict | None:
+        """The record of `key`, None when there is none; CorruptRecordError when its file is unreadable."""
         path = self.path_for(key)
-        return self._read(path) if path.exists() else None
+        return self.load(path) if path.exists() else None
 
     def is_done(self, key: str) -> bool:
         record = self.get(key)
         return record is not None and record.get("status") == "done"
 
-    def write(self, record: dict) -> Path:
-        """Atomically write `record` (replacing an earlier record of the same spec)."""
+    @contextmanager
+    def lock(self, key: str) -> Iterator[bool]:
+        """Hold the exclusive lock of `key` (``flock`` on ``<root>/.locks/<key>.lock``, across
+        processes); yields whether another holder had to be waited for. Released on exit, or by
+        the kernel when the process dies."""
+        folder = self.root / LOCK_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f"{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)  # group-readable (umask)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                waited = False
+            except BlockingIOError:
+                log.info("waiting for %s (another process is running it)", key)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                waited = True
+            yield waited
+        finally:
+            os.close(fd)  # releases the lock
+
+    def write(self, record: dict, replace_corrupt: bool = False) -> Path:
+        """Atomically write `record`, group-readable, replacing an earlier record of the same spec;
+        an unreadable file under its key raises CorruptRecordError unless ``replace_corrupt``."""
         key = record.get("key")
         if "spec" not in record or key != spec_key(record["spec"]):
             raise ValueError(f"record key {key!r} is not the spec_key of its spec")
-        previous = self.get(key)
+        try:
+            previous = self.get(key)
+        except CorruptRecordError:
+            if not replace_corrupt:
+                raise
+            previous = None
         if previous is not None and _canonical(previous["spec"]) != _canonical(record["spec"]):
             raise ValueError(f"key collision: {self.path_for(key)} holds a different spec")
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path_for(key)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide records from the group
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f, indent=2, ensure_ascii=False)
                 f.write("\n")
@@ -178,13 +268,21 @@ class ResultStore:
 
     def records(self, **where: Any) -> list[dict]:
         """Readable records, sorted by creation time, whose top-level fields match `where`:
-        each value is one allowed value or a list/tuple/set of them; None means no filter."""
+        each value is one allowed value or a list/tuple/set of them; None means no filter.
+        Unreadable files are skipped with a CorruptRecordWarning and listed in ``skipped``."""
         found = []
         for path in sorted(self.root.glob("*.json")):
             record = self._read(path)
             if record is not None and all(_matches(record.get(f), v) for f, v in where.items()):
                 found.append(record)
         return sorted(found, key=lambda r: str(r.get("created", "")))
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _matches(value: Any, allowed: Any) -> bool:

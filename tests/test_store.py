@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 from datetime import datetime, timezone
 
 import pytest
@@ -98,18 +100,29 @@ def test_write_get_is_done(tmp_path):
     assert results.is_done(failed["key"])
 
 
-def test_write_rejects_wrong_key_and_collisions(tmp_path):
+def test_write_rejects_wrong_key_and_collisions(tmp_path, monkeypatch):
     results = ResultStore(tmp_path)
     record = new_record(make_spec())
     with pytest.raises(ValueError, match="spec_key"):
         results.write(dict(record, key="0" * 16))
-    # A file already under this key that holds another spec (a collision) is never replaced.
+    # A file under this key that holds another spec is never replaced: as it is not a record of
+    # that key, it is unreadable (replaced only on request, the pipeline's force=true) ...
     other = dict(record, spec=make_spec(seed=7))
     text = json.dumps(other)
-    results.path_for(record["key"]).write_text(text)
+    path = results.path_for(record["key"])
+    path.write_text(text)
+    with pytest.raises(store.CorruptRecordError, match="is not the hash of its spec"):
+        results.write(record)
+    assert path.read_text() == text
+    # ... and a true collision (a readable record of another spec hashing to the same key) is an error
+    real = store.spec_key
+    monkeypatch.setattr(store, "spec_key", lambda spec: record["key"] if spec == other["spec"] else real(spec))
     with pytest.raises(ValueError, match="collision"):
         results.write(record)
-    assert results.path_for(record["key"]).read_text() == text
+    assert path.read_text() == text
+    monkeypatch.undo()
+    results.write(record, replace_corrupt=True)
+    assert results.get(record["key"]) == record
 
 
 def _dump_half_then_crash(obj, f, **kwargs):
@@ -159,3 +172,53 @@ def test_records_filters_and_skips_corrupt_files(tmp_path):
         assert {r["key"] for r in results.records(bits=["w8a8", None])} == {fp["key"], w8["key"]}
         assert results.records(model="nope") == []
     assert ResultStore(tmp_path / "missing").records() == []
+
+
+def test_records_are_group_readable(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = ResultStore(tmp_path / "results").write(new_record(make_spec()))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    old = os.umask(0o077)  # a stricter umask is respected
+    try:
+        path = ResultStore(tmp_path / "private").write(new_record(make_spec()))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_check_writable(tmp_path):
+    ResultStore(tmp_path / "new" / "results").check_writable()  # created
+    assert (tmp_path / "new" / "results").is_dir() and not list((tmp_path / "new" / "results").iterdir())
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(store.StoreError, match=r"file.* is a file, not a folder; move the file away or pass store="):
+        ResultStore(tmp_path / "file").check_writable()
+    with pytest.raises(store.StoreError, match=r"cannot create the result store folder .*file/sub"):
+        ResultStore(tmp_path / "file" / "sub").check_writable()
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(store.StoreError, match=r"cannot write to the result store .*locked.*permissions"):
+            ResultStore(locked).check_writable()
+
+
+def test_get_raises_on_a_corrupt_record_and_records_skips_it(tmp_path):
+    results = ResultStore(tmp_path)
+    good = new_record(make_spec())
+    results.write(good)
+    truncated = new_record(make_spec(seed=1))
+    results.path_for(truncated["key"]).write_text(json.dumps(truncated)[:50])
+    not_record = new_record(make_spec(seed=2))
+    results.path_for(not_record["key"]).write_text('{"hello": "world"}')
+    for key, reason in ((truncated["key"], "invalid JSON"), (not_record["key"], "not a result record")):
+        with pytest.raises(store.CorruptRecordError) as err:
+            results.get(key)
+        assert isinstance(err.value, ValueError) and err.value.path == results.path_for(key)
+        assert str(results.path_for(key)) in str(err.value) and reason in str(err.value)
+        assert "delete the file, or rerun with force=true" in str(err.value)
+    with pytest.warns(store.CorruptRecordWarning) as caught:
+        assert [r["key"] for r in results.records()] == [good["key"]]
+    assert len(caught) == 2
+    assert set(results.skipped) == {results.path_for(truncated["key"]), results.path_for(not_record["key"])}
