@@ -1,4 +1,12 @@
-"""One run: validate → store lookup → load → calibrate → quantize → evaluate → record."""
+"""One run: validate → store check and lookup → load → calibrate → quantize → check → evaluate → record.
+
+Before any work the store must be writable and the run's record file, if any, readable (else
+ConfigError: a record is never lost after the work, nor silently replaced unless ``force``). The
+key's lock (``ResultStore.lock``) is held from the "is it done?" check through the record write:
+two processes running the same configuration compute it once, the second waits and returns the
+first's record without writing. After quantization the model is checked for numerical faults
+(``faults.check_model``); a fault fails the run with ``fault: {kind, layer}`` in its record.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,9 @@ import traceback
 from contextlib import contextmanager
 
 from qdlm_bench import methods
-from qdlm_bench import calibration, evaluation, runspec, tracking
+from qdlm_bench import calibration, evaluation, faults, runspec, tracking
 from qdlm_bench.models.factory import load_fp_model
-from qdlm_bench.store import ResultStore, baseline_key, new_record, spec_key
+from qdlm_bench.store import CorruptRecordError, ResultStore, StoreError, baseline_key, new_record, spec_key
 
 log = logging.getLogger("qdlm_bench")
 
@@ -24,9 +32,11 @@ def timed(timings: dict, name: str):
         timings[name] = round(time.perf_counter() - start, 3)
 
 
-def quantize(spec: runspec.RunSpec, model, tokenizer, timings: dict | None = None) -> dict:
+def quantize(spec: runspec.RunSpec, model, tokenizer, timings: dict | None = None, check: bool = True) -> dict:
     """Build the run's calibration set (when its method needs one) and quantize ``model`` in
-    place with its method; returns the method's info dict. ``timings`` gets calibrate_s/quantize_s."""
+    place with its method; returns the method's info dict. ``timings`` gets calibrate_s/quantize_s
+    (and check_s). With ``check``, the quantized model is checked for non-finite weights, activations
+    and logits (``faults.check_model``, one probe forward): NumericalFault names the layer."""
     timings = {} if timings is None else timings
     calib = None
     if spec.calib:
@@ -35,7 +45,11 @@ def quantize(spec: runspec.RunSpec, model, tokenizer, timings: dict | None = Non
                                       data_dir=spec.settings.data_dir)
     log.info("quantizing with %s at %s", spec.method["name"], spec.quant.name)
     with timed(timings, "quantize_s"):
-        return methods.get(spec.method["name"])(model, spec.quant, calib, spec.options)
+        info = methods.get(spec.method["name"])(model, spec.quant, calib, spec.options)
+    if check:
+        with timed(timings, "check_s"):
+            faults.check_model(model, calib)
+    return info
 
 
 def execute(spec: runspec.RunSpec, timings: dict) -> dict:
@@ -53,8 +67,11 @@ def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str 
     """Run one configuration (a resolved Hydra config as a dict; ``spec``: its RunSpec when the
     caller has built it) and return its record.
 
-    Invalid configs raise ConfigError before any work. A finished run is skipped unless
-    ``force``; a run that fails is recorded with status "failed" and its traceback.
+    Invalid configs, an unusable store and an unreadable record of this run (unless ``force``:
+    then it is replaced) raise ConfigError before any work. A finished run is skipped unless
+    ``force``; a run that another process is running is waited for and its record returned (even
+    with ``force``: it has just been run); a run that fails is recorded with status "failed", its
+    traceback and, for a numerical fault, ``fault``. wandb logs the record as written.
     """
     spec = spec or runspec.build(cfg)
     try:
@@ -63,25 +80,61 @@ def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str 
         raise runspec.ConfigError(f"bad wandb settings: {err}") from None
     semantic = spec.semantic()
     store = ResultStore(store_root)
+    try:
+        store.check_writable()
+    except StoreError as err:
+        raise runspec.ConfigError(str(err)) from None
     key = spec_key(semantic)
-    if store.is_done(key) and not force:
-        log.info("skipping %s %s %s: already in %s", spec.model["name"], spec.method["name"],
-                 spec.quant.name, store.path_for(key))
+    label = f"{spec.model['name']} {spec.method['name']} {spec.quant.name}"
+    before = _lookup(store, key, force)
+    if before is not None and before.get("status") == "done" and not force:
+        log.info("skipping %s: already in %s", label, store.path_for(key))
+        return before
+    with store.lock(key) as waited:
+        now = _lookup(store, key, force)
+        if now is not None and (now.get("status") == "done" and not force
+                                or waited and now.get("created") != (before or {}).get("created")):
+            log.info("skipping %s: %s by another process while waiting (%s)", label, now.get("status"),
+                     store.path_for(key))
+            return now
+        record = _execute_and_record(spec, semantic, store, sweep)
+    try:
+        wandb_logger.log_record(record)
+    except Exception as err:  # the record is the result; wandb is a copy of it
+        log.error("wandb logging of %s failed (%s: %s); the record is in %s", key, type(err).__name__, err,
+                  store.path_for(key))
+    return record
+
+
+def _lookup(store: ResultStore, key: str, force: bool) -> dict | None:
+    """The stored record of ``key`` (None if none); an unreadable one is a ConfigError unless ``force``."""
+    try:
         return store.get(key)
+    except CorruptRecordError as err:
+        if not force:
+            raise runspec.ConfigError(str(err)) from None
+        log.warning("replacing %s (force=true): %s", err.path, err.reason)
+        return None
+
+
+def _execute_and_record(spec: runspec.RunSpec, semantic: dict, store: ResultStore, sweep: str | None) -> dict:
+    """Execute the run and write its record; returns the record as read back from its file."""
     timings: dict = {}
     fields = dict(sweep=sweep, device=spec.device, dtype=spec.dtype, seed=spec.seed)
     with timed(timings, "total_s"):
         try:
             metrics = execute(spec, timings)
-            status, error = "done", None
-        except Exception:  # recorded, so that a sweep goes on
+            status, error, fault = "done", None, None
+        except Exception as exc:  # recorded, so that a sweep goes on
             metrics, status, error = {}, "failed", traceback.format_exc()
-            log.error("run failed: %s", error.strip().splitlines()[-1])
-    record = new_record(semantic, status=status, error=error, metrics=metrics, timings=timings, **fields)
-    store.write(record)
-    log.info("wrote %s (%s)", store.path_for(key), status)
-    wandb_logger.log_record(record)
-    return record
+            found = faults.find(exc)
+            fault = found.as_dict() if found is not None else None
+            log.error("run failed: %s", str(found) if found is not None else error.strip().splitlines()[-1])
+    record = new_record(semantic, status=status, error=error, fault=fault, metrics=metrics, timings=timings,
+                        **fields)
+    path = store.write(record, replace_corrupt=True)  # an unreadable file here was accepted by _lookup
+    log.info("wrote %s (%s)", path, status)
+    return store.load(path)
 
 
 def baseline_config(cfg: dict) -> dict:
