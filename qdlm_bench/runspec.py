@@ -7,20 +7,25 @@ until the last step (``device``/``dtype``), so a configuration error takes well 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qdlm_bench import evaluation, methods
-from qdlm_bench.calibration import CalibConfig
+from qdlm_bench.calibration import CalibConfig, sources as calib_sources
 from qdlm_bench.digest import checkpoint_fingerprint
 from qdlm_bench.evaluation import tasks as task_defs
+from qdlm_bench.models import layout
 from qdlm_bench.paths import ZOO_DIR
 from qdlm_bench.quant.spec import QuantSpec, QuantSpecError
 
 MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer", "mask_token_id",
                 "chat_template", "generation")
+# the top-level keys of conf/config.yaml (a key forced in with +key=... is refused)
+TOP_KEYS = ("model", "method", "calib", "eval", "bits", "quant", "tasks", "seed", "dtype", "device", "store",
+            "force", "baseline", "sweep", "wandb")
 # the quant: section -> QuantSpec fields (besides the bit string)
 QUANT_OPTIONS = {"act_sym": "a_sym", "act_clip_ratio": "a_clip_ratio", "act_layers": "act_layers",
                  "exclude": "exclude", "lm_head": "lm_head"}
@@ -94,10 +99,78 @@ def check_model(model: dict) -> dict:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.path={folder} holds no config.json: point it at a checkpoint "
                               "folder (config.json, tokenizer files, *.safetensors)")
+        try:
+            layout.check(folder, model.get("family"))
+        except layout.CheckpointError as err:
+            raise ConfigError(f"model.path={folder}: {err}") from None
     elif not (model.get("hub_id") or model.get("shape")):
         raise ConfigError(f"model {model.get('name')!r} needs model.path (a local checkpoint folder), "
                           "model.hub_id or model.shape (random weights)")
     return model
+
+
+def _hint(name: str, valid) -> str:
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_keys(cfg: dict) -> None:
+    """Every top-level key is one of conf/config.yaml's (``+key=...`` adds any name to the config)."""
+    unknown = sorted(set(cfg) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}{_hint(unknown[0], TOP_KEYS)}; valid top-level settings: "
+                          f"{', '.join(TOP_KEYS)}")
+
+
+def task_list(tasks: Any) -> list[str]:
+    """``tasks`` as a list: a single name (``tasks=mini_math``) is the one-task list."""
+    if isinstance(tasks, str):
+        if "," in tasks or " " in tasks.strip():
+            names = [t.strip() for t in tasks.replace(" ", ",").split(",") if t.strip()]
+            raise ConfigError(f"tasks={tasks!r} is one string; a list of tasks is written tasks=[{','.join(names)}]")
+        return [tasks]
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"tasks={tasks!r}: expected a task name or a list of names, e.g. tasks=[mini_math,mini_code]")
+    return list(tasks)
+
+
+def integer(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r} must be an integer") from None
+
+
+def check_groups(quant: QuantSpec, model: dict) -> None:
+    """A weight group wider than a quantized linear's input would quantize it per channel under a
+    group name: refused, naming the widths (known from config.json or the shape preset). A group
+    size that does not divide a width is allowed: the last group is shorter, as in the reference GPTQ."""
+    if quant.is_fp or quant.group_size is None:
+        return
+    if model.get("path"):
+        cfg = layout.check(model["path"], model.get("family"))
+    elif model.get("shape"):
+        from qdlm_bench.models.presets import SHAPES  # torch is loaded by now (device resolution)
+
+        if model["shape"] not in SHAPES:
+            raise ConfigError(f"model.shape={model['shape']!r} is not a shape preset{_hint(model['shape'], SHAPES)}; "
+                              f"valid: {', '.join(SHAPES)}")
+        cfg = SHAPES[model["shape"]]
+    else:  # a hub id not downloaded yet: its shapes are unknown here
+        return
+    widths = {n: w for n, w in layout.linear_inputs(cfg).items() if n != "lm_head" or quant.lm_head}
+    narrow = {n: w for n, w in widths.items() if w < quant.group_size}
+    if narrow:
+        raise ConfigError(f"bits={quant.name}: group size {quant.group_size} is wider than the input of "
+                          f"{', '.join(f'{n} ({w})' for n, w in narrow.items())} in model {model.get('name')}; "
+                          f"use a group size <= {min(widths.values())} (e.g. g{_pow2_below(min(widths.values()))}) "
+                          "or none (per channel)")
+
+
+def _pow2_below(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
 
 
 def quant_spec(bits: str, quant_cfg: dict) -> QuantSpec:
@@ -126,6 +199,7 @@ def method_options(method_cfg: dict) -> tuple[str, Any, str | None]:
 
 def build(cfg: dict) -> RunSpec:
     """Validate a resolved Hydra config (as a plain dict) into a RunSpec; raises ConfigError."""
+    check_keys(cfg)
     name, options, label = method_options(cfg["method"])
     method = {"name": name, **methods.as_dict(options), **({"label": label} if label else {})}
     quant = quant_spec("fp16" if name == "fp" else str(cfg["bits"]), dict(cfg["quant"]))
@@ -138,18 +212,26 @@ def build(cfg: dict) -> RunSpec:
     eval_cfg["include_path"] = list(task_defs.include_folders(eval_cfg.get("include_path"))) or None
     if eval_cfg.get("apply_chat_template") is None:
         eval_cfg["apply_chat_template"] = bool(model.get("chat_template"))
-    tasks = list(cfg["tasks"])
+    tasks = task_list(cfg["tasks"])
+    seed = integer("seed", cfg["seed"])
     try:
         settings = evaluation.EvalSettings.from_dict(
-            {**eval_cfg, "seed": int(cfg["seed"])}, generation_defaults=model.get("generation") or {})
+            {**eval_cfg, "seed": seed}, generation_defaults=model.get("generation") or {})
+    except (TypeError, ValueError) as err:
+        first = str(err).split(" ", 1)[0]
+        raise ConfigError(f"eval.{err}" if first in eval_cfg else f"eval: {err}") from None
+    try:
         evaluation.validate_tasks(tasks, settings.data_dir, settings.include_path)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     try:
         calib = CalibConfig.from_dict(cfg["calib"]) if methods.needs_calibration(name) else None
-    except ValueError as err:
+        if calib:
+            calib_sources.check(calib, settings.data_dir, settings.include_path)
+    except (TypeError, ValueError, FileNotFoundError) as err:
         raise ConfigError(f"calib: {err}") from None
     device = resolve_device(str(cfg["device"]))  # the first torch import: every check above is torch-free
+    check_groups(quant, model)
     return RunSpec(calib=calib, model=model, method=method, options=options, quant=quant, tasks=tasks,
                    eval=eval_cfg, settings=settings, dtype=resolve_dtype(str(cfg["dtype"]), device),
-                   device=device, seed=int(cfg["seed"]))
+                   device=device, seed=seed)

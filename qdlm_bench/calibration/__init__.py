@@ -35,7 +35,7 @@ from qdlm_bench.lazy import lazy_exports
 from .config import MASK_DISTS as MASK_DISTS, PROMPTS_PREFIX as PROMPTS_PREFIX, CalibConfig as CalibConfig
 
 _EXPORTS = {
-    ".sources": ["DATA_SOURCES", "GENERATED_SOURCES", "PROJECT_SOURCES", "read_text", "resolve_source",
+    ".sources": ["DATA_SOURCES", "check", "GENERATED_SOURCES", "PROJECT_SOURCES", "read_text", "resolve_source",
                  "source_texts", "task_prompts"],
     ".sets": ["CACHE_VERSION", "CalibSet", "apply_masking", "build", "cache_key", "confidences", "draw_ratios",
               "encode_prompt", "load", "sample_prompts", "sample_windows", "save", "tokenizer_fingerprint"],

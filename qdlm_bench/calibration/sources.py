@@ -36,6 +36,37 @@ def resolve_source(cfg: CalibConfig, data_dir=None) -> Path:
     return path
 
 
+def check(cfg: CalibConfig, data_dir=None, include_path=None) -> None:
+    """The configuration check of a source, before any model loads (no tokenizer, no torch): its file
+    exists and holds text (a .jsonl: its first row has ``text_field``); a ``prompts:`` source names
+    known tasks whose data is there. Raises FileNotFoundError or ValueError naming the fix."""
+    tasks = cfg.prompt_tasks
+    if tasks is not None:
+        from qdlm_bench.evaluation.tasks import validate_tasks
+
+        validate_tasks(tasks, data_dir, include_path)
+        return
+    if cfg.source in GENERATED_SOURCES:
+        return
+    path = resolve_source(cfg, data_dir)
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if not head.strip():
+        raise ValueError(f"calibration source {cfg.source!r}: file {path} is empty; calib.source takes a "
+                         "file with text (a .txt, or a .jsonl with a calib.text_field field)")
+    if path.suffix == ".jsonl":
+        first = next(line for line in head.decode("utf-8", "replace").splitlines() if line.strip())
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"calibration source {path}: its first line is not JSON ({err}); a .jsonl "
+                             "source has one JSON object per line") from None
+        if not isinstance(row, dict) or cfg.text_field not in row:
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"calibration source {path}: its first row has no field {cfg.text_field!r} "
+                             f"(calib.text_field); fields: {fields}")
+
+
 def read_text(path: Path, text_field: str = "text") -> str:
     """A .jsonl file's ``text_field`` values joined by blank lines; any other file as is."""
     if path.suffix != ".jsonl":

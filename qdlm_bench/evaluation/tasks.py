@@ -20,6 +20,7 @@ YAML) everywhere; a file path holding either must exist before any model work. A
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import importlib.util
@@ -280,7 +281,9 @@ def _resolve(entry: TaskEntry, data_dir: Path, functions: bool) -> tuple[dict, l
 
 def _unknown(name: str, include_path) -> ValueError:
     included, unreadable = _included(include_folders(include_path))
-    text = (f"unknown task {name!r}. Project tasks (tasks/*.yaml, offline): {', '.join(sorted(local_tasks()))} "
+    close = difflib.get_close_matches(name, [*local_tasks(), *included, *lm_eval_names()], n=3)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    text = (f"unknown task {name!r}{hint}. Project tasks (tasks/*.yaml, offline): {', '.join(sorted(local_tasks()))} "
             "(one MMLU subject: mmlu_local_<subject>, e.g. mmlu_local_anatomy)")
     if include_folders(include_path):
         text += f"; under eval.include_path: {', '.join(sorted(included)) or 'none'}"

@@ -15,14 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import dream, llada
 from .config import DLLMConfig
+from .layout import FAMILIES, INDEX, detect_family, key_map  # noqa: F401  (torch-free; re-exported)
+from .layout import check, family_module as _family
 from .transformer import DiffusionLM
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {"llada": llada, "dream": dream}
-INDEX = "model.safetensors.index.json"
 _DTYPE_KEYS = ("torch_dtype", "dtype")  # written from the model's dtype when saving
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken"]
@@ -31,21 +30,6 @@ _MISSING = object()
 
 class ModelNotFoundError(FileNotFoundError):
     """The model source is neither a local checkpoint folder nor downloadable now."""
-
-
-def _family(name: str):
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[name]
-
-
-def detect_family(hf: dict) -> str:
-    """The family of a config.json dict, from its ``model_type`` / ``architectures``."""
-    for name, fam in FAMILIES.items():
-        if fam.matches(hf):
-            return name
-    raise ValueError(f"cannot tell the model family of model_type={hf.get('model_type')!r}, "
-                     f"architectures={hf.get('architectures')}; pass family= one of {sorted(FAMILIES)}")
 
 
 def config_from_hf(hf: dict, family: str | None = None) -> DLLMConfig:
@@ -61,23 +45,6 @@ def config_from_hf(hf: dict, family: str | None = None) -> DLLMConfig:
 def config_to_hf(cfg: DLLMConfig) -> dict:
     """The family's real config.json dict for ``cfg``."""
     return {**_family(cfg.family).config_to_hf(cfg), **cfg.extra}
-
-
-def key_map(cfg: DLLMConfig) -> dict[str, str]:
-    """Our state_dict key -> the family's checkpoint key, for every stored tensor (a tied LM
-    head is not stored)."""
-    fam = _family(cfg.family)
-    biased = ("q_proj", "k_proj", "v_proj") if cfg.qkv_bias else ()
-    out = {"embed.weight": f"{fam.TOP['embed']}.weight"}
-    for i in range(cfg.n_layers):
-        prefix = fam.BLOCK_PREFIX.format(i=i)
-        for ours, theirs in fam.BLOCK.items():
-            for p in ("weight", "bias") if ours in biased else ("weight",):
-                out[f"blocks.{i}.{ours}.{p}"] = f"{prefix}{theirs}.{p}"
-    out["norm.weight"] = f"{fam.TOP['norm']}.weight"
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = f"{fam.TOP['lm_head']}.weight"
-    return out
 
 
 def empty_model(cfg: DLLMConfig, dtype: torch.dtype = torch.float32, device="cpu") -> DiffusionLM:
@@ -166,6 +133,7 @@ def load_model(source: str | Path, family: str | None = None, dtype: torch.dtype
     folder = resolve(source, revision)
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"local folder {folder} has no config.json")
+    check(folder, family)  # config, shards, whole files, tensor names and shapes: a clear CheckpointError
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()), family)
     model = empty_model(cfg, dtype, device)
     load_weights(model, folder)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import torch
 
@@ -16,6 +17,7 @@ from .presets import SHAPES, random_model
 from .tokenizer import byte_tokenizer
 from .transformer import DiffusionLM
 
+log = logging.getLogger("qdlm_bench")
 _CACHE: dict[str, tuple] = {}
 
 
@@ -51,6 +53,7 @@ def load_fp_model(preset: dict, dtype: str, device: str, seed: int = 0) -> tuple
     """A fresh FP model on ``device`` (weights cached on CPU across calls) and its tokenizer."""
     key = json.dumps([preset, dtype, seed], sort_keys=True, default=str)
     if key not in _CACHE:
+        log.info("loading model %s (%s)", preset.get("name"), preset.get("path") or preset.get("hub_id") or preset.get("shape"))
         _CACHE.clear()  # one FP model at a time
         _CACHE[key] = _load(preset, getattr(torch, dtype), seed)
     config, state, tokenizer = _CACHE[key]

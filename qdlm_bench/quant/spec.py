@@ -97,8 +97,11 @@ class QuantSpec:
 
     def _problem(self) -> str | None:
         if self.w_bits == 16:
-            fp = (self.a_bits, self.kv_bits, self.group_size) == (16, 16, None)
-            return None if fp else "16-bit weights with quantized activations/KV or groups"
+            if self.kv_bits != 16:  # the K/V quantizers are installed only by a method that quantizes weights
+                return (f"kv{self.kv_bits} with 16-bit weights: no method installs K/V quantizers on a "
+                        "full-precision model; quantize the weights too (e.g. w8a8kv4) or drop the kv part")
+            fp = (self.a_bits, self.group_size) == (16, None)
+            return None if fp else "16-bit weights with quantized activations or groups"
         if self.w_bits not in _LOW_BITS:
             return f"w_bits must be 2..8 (or 16 = none), got {self.w_bits}"
         if self.a_bits not in _A_BITS:
