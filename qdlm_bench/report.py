@@ -15,7 +15,8 @@ baseline, so positive = worse: (fp - q) / fp for accuracy-like metrics, the rela
 (q - fp) / fp for perplexity-like ones. An average is missing (—) when one of its tasks is.
 
 The best value of each column among the finished quantized runs of one bit setting is bold.
-Failed runs keep their row and error. A (method, bits) that another table of the same tasks and
+Failed runs keep their row and error (a numerical fault as ``failed: <kind> at <layer>``). Record
+files that cannot be read are skipped and listed after the report with their reasons. A (method, bits) that another table of the same tasks and
 eval settings holds but this one lacks is a "missing" row, and so is an absent FP record. The
 base and instruct variants of one model (names ending -base / -instruct) evaluated alike also
 get a side-by-side table. The study's findings (qdlm_bench.findings) close the report.
@@ -32,6 +33,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from collections import Counter
 from fnmatch import fnmatch
 from pathlib import Path
@@ -40,12 +42,12 @@ from typing import Callable, Iterable, Mapping
 import pandas as pd
 
 from qdlm_bench import findings
-from qdlm_bench.store import FP_PRECISION, ResultStore, spec_key
+from qdlm_bench.store import FP_PRECISION, CorruptRecordWarning, ResultStore, spec_key
 from qdlm_bench.study import AVG, DROP, model_variant, relative_drop, variant_pairs
 from qdlm_bench.tracking import MODES, WandbLogger
 
 META = ("key", "baseline_key", "setting", "setting_text", "spec_tasks", "model", "method", "bits",
-        "precision", "sweep", "status", "error", "created", "quant_setup")
+        "precision", "sweep", "status", "error", "fault", "created", "quant_setup")
 STDERR, METRIC = ":stderr", ":metric"  # suffixes of a task's stderr / metric-name columns
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 CATEGORIES = {
@@ -79,6 +81,14 @@ def error_summary(error: str | None) -> str | None:
     if not lines:
         return None
     return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+
+
+def failed_status(error, fault) -> str:
+    """A failed run's status cell: its numerical fault (``failed: <kind> at <layer>``), else the
+    one line of its error (80 characters at most), else just ``failed``."""
+    if isinstance(fault, dict) and fault.get("kind"):
+        return f"failed: {fault['kind']} at {fault.get('layer') or '?'}"
+    return f"failed: {error[:80]}" if isinstance(error, str) else "failed"
 
 
 def _setting(spec: dict) -> dict:
@@ -202,8 +212,8 @@ def study_table(rows: pd.DataFrame, expected: Mapping[tuple[str, str], dict] | N
     percent = {t: not lower[t] and rows[t].notna().any() and rows[t].dropna().between(0, 1).all() for t in tasks}
 
     table = rows[["bits", "method"]].copy()
-    table["status"] = [f"failed: {e[:80]}" if s == "failed" and isinstance(e, str) else s
-                       for s, e in zip(rows["status"], rows["error"])]
+    table["status"] = [failed_status(e, f) if s == "failed" else s
+                       for s, e, f in zip(rows["status"], rows["error"], rows.get("fault", [None] * len(rows)))]
     for t in tasks:
         table[t] = rows[t] * (100 if percent[t] else 1)
     categories = {cat: [t for t in tasks if not lower[t] and category(t) == cat] for cat in CATEGORIES}
@@ -422,14 +432,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.store.is_dir():
         parser.error(f"result store {args.store} does not exist")
     store = ResultStore(args.store)
-    records = with_baselines(store.records(**where), store)
-    if not records:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptRecordWarning)  # listed below, path and reason
+        records = with_baselines(store.records(**where), store)
+    if records:
+        sweep = "+".join(where["sweep"]) if where["sweep"] else None
+        logger = WandbLogger(mode=args.wandb, dir="wandb", group=sweep)
+        make_report(records, args.out, args.format, f"-{slug(sweep)}" if sweep else "", logger)
+    else:
         print(f"no records in {args.store} match {where}", file=sys.stderr)
-        return 1
-    sweep = "+".join(where["sweep"]) if where["sweep"] else None
-    logger = WandbLogger(mode=args.wandb, dir="wandb", group=sweep)
-    make_report(records, args.out, args.format, f"-{slug(sweep)}" if sweep else "", logger)
-    return 0
+    if store.skipped:
+        print(skipped_text(store.skipped))
+    return 0 if records else 1
+
+
+def skipped_text(skipped: Mapping[Path, str]) -> str:
+    """The unreadable record files a report skipped, one line each with the reason and the fix."""
+    lines = [f"- {path}: {reason}" for path, reason in sorted(skipped.items())]
+    return "\n".join([f"## Unreadable records ({len(lines)}, skipped)", "", *lines, "",
+                      "Delete each file, or rerun its configuration with force=true to replace it."])
 
 
 if __name__ == "__main__":

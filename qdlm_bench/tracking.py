@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODES = ("disabled", "offline", "online")
+# a record's fields in its wandb run's summary (with its flattened metrics): the same values as the record's
+SUMMARY_FIELDS = ("status", "error", "fault", "key", "baseline_key", "model", "method", "bits", "created")
 
 
 def flatten_metrics(record: dict) -> dict[str, float]:
@@ -61,8 +63,10 @@ class WandbLogger:
 
     def log_record(self, record: dict) -> Path | None:
         """Log `record` as one finished wandb run: config = spec; metrics flattened as
-        <task>/<metric> and time/<name>; status, error and keys in the summary; the record JSON
-        as a "result-record" artifact. Returns the run's local folder (None when disabled)."""
+        <task>/<metric> and time/<name>; SUMMARY_FIELDS (status, error, fault, keys) in the summary;
+        the record JSON as a "result-record" artifact. The pipeline passes the record as read back
+        from its file, failed runs included, so wandb and the store agree. Returns the run's local
+        folder (None when disabled)."""
         if self.mode == "disabled":
             return None
         import wandb
@@ -72,10 +76,9 @@ class WandbLogger:
         with self._run(name, "eval", record.get("sweep"), record.get("spec") or {},
                        [str(x)[:64] for x in labels if x is not None]) as run:
             run.log(flatten_metrics(record))
-            run.summary.update({f: record.get(f) for f in
-                                ("status", "error", "key", "baseline_key", "model", "method", "bits")})
+            run.summary.update({f: record.get(f) for f in SUMMARY_FIELDS})
             artifact = wandb.Artifact(f"record-{record['key']}", type="result-record",
-                                      metadata={f: record.get(f) for f in ("model", "method", "bits", "status")})
+                                      metadata={f: record.get(f) for f in ("key", "model", "method", "bits", "status")})
             with artifact.new_file("record.json") as f:
                 json.dump(record, f, indent=2)
             run.log_artifact(artifact)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from qdlm_bench import methods, pipeline, runspec
 from qdlm_bench.models import random_model, save_model
-from qdlm_bench.store import ResultStore
+from qdlm_bench.store import ResultStore, spec_key
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model=tiny_random_llada", "tasks=[mini_qa]", "eval.limit=3", "eval.mc_num=2"]
@@ -127,3 +127,65 @@ def test_calibration_is_part_of_a_run_only_for_calibrated_methods(tmp_path):
     assert record["spec"]["calib"]["n_samples"] == 4 and record["timings"]["calibrate_s"] >= 0
     other = runspec.build(config("method=gptq", "bits=w4a16", "calib.n_samples=8", "calib.seqlen=64"))
     assert other.semantic() != runspec.build(cfg).semantic()
+
+
+def test_corrupt_records_are_reported_skipped_and_never_overwritten_unless_forced(tmp_path, monkeypatch, capsys):
+    from qdlm_bench import report
+
+    good = pipeline.run(config("method=rtn", "bits=w8a16"), store_root=tmp_path)
+    bad_cfg = config("method=rtn", "bits=w4a16")
+    store = ResultStore(tmp_path)
+    truncated = store.path_for(spec_key(runspec.build(bad_cfg).semantic()))
+    truncated.write_text(json.dumps(good)[:200])  # e.g. a copy cut short
+    not_record = tmp_path / "0123456789abcdef.json"
+    not_record.write_text('{"hello": "world"}')
+
+    assert report.main(["--store", str(tmp_path), "--out", str(tmp_path / "report"), "--format", "md"]) == 0
+    out = capsys.readouterr().out
+    assert "| w8a16  | rtn      | done" in out  # the table, from the good record
+    assert f"- {truncated}: invalid JSON" in out and f"- {not_record}: not a result record" in out
+    assert "Unreadable records (2, skipped)" in out
+
+    monkeypatch.setattr(pipeline, "load_fp_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(runspec.ConfigError) as err:
+        pipeline.run(bad_cfg, store_root=tmp_path)
+    assert str(truncated) in str(err.value) and "force=true" in str(err.value)
+    monkeypatch.undo()
+    record = pipeline.run(bad_cfg, store_root=tmp_path, force=True)
+    assert record["status"] == "done" and store.get(record["key"]) == record  # replaced, readable
+
+
+@pytest.mark.parametrize("layout", ["file", "inside_a_file"])
+def test_an_unusable_store_fails_before_any_work(tmp_path, monkeypatch, layout):
+    monkeypatch.setattr(pipeline, "load_fp_model", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "results").write_text("")
+    root = tmp_path / "results" if layout == "file" else tmp_path / "results" / "sub"
+    with pytest.raises(runspec.ConfigError, match=f"{root}.*store="):
+        pipeline.run(config("method=rtn", "bits=w8a16"), store_root=root)
+
+
+def test_wandb_logs_the_record_as_written(tmp_path, monkeypatch):
+    """What wandb gets is the record read back from its file (same key, metrics, status, fault),
+    failed runs included; a wandb error never loses the record."""
+    from qdlm_bench import tracking
+
+    logged = []
+    monkeypatch.setattr(tracking.WandbLogger, "log_record", lambda self, record: logged.append(record))
+    wandb_cfg = {"mode": "offline", "dir": str(tmp_path / "wb")}
+    done = pipeline.run(config("method=rtn", "bits=w8a16"), store_root=tmp_path, wandb_cfg=wandb_cfg)
+
+    def broken(state):
+        raise RuntimeError("quantizer exploded")
+
+    rtn = methods.get("rtn")
+    monkeypatch.setitem(methods._REGISTRY, "rtn", replace(rtn, recipe=lambda o: [broken]))
+    failed = pipeline.run(config("method=rtn", "bits=w4a16"), store_root=tmp_path, wandb_cfg=wandb_cfg)
+    assert [r["status"] for r in logged] == ["done", "failed"]
+    for record, sent in zip((done, failed), logged):
+        assert sent == json.loads(ResultStore(tmp_path).path_for(record["key"]).read_text()) == record
+    # a skipped run (already done) logs nothing again; a wandb failure is logged, the run returns
+    assert pipeline.run(config("method=rtn", "bits=w8a16"), store_root=tmp_path, wandb_cfg=wandb_cfg) == done
+    assert len(logged) == 2
+    monkeypatch.setattr(tracking.WandbLogger, "log_record", lambda self, record: 1 / 0)
+    again = pipeline.run(config("method=rtn", "bits=w4a16"), store_root=tmp_path, wandb_cfg=wandb_cfg, force=True)
+    assert again["status"] == "failed" and ResultStore(tmp_path).get(again["key"]) == again

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from qdlm_bench.store import new_record
-from qdlm_bench.tracking import WandbLogger, flatten_metrics
+from qdlm_bench.tracking import SUMMARY_FIELDS, WandbLogger, flatten_metrics
 
 SPEC = {"model": {"name": "tiny-llada"}, "method": {"name": "rtn"}, "quant": {"bits": "w4a16g128"},
         "tasks": ["arith"], "eval": {"gen_length": 32}, "calib": {}, "dtype": "bfloat16", "seed": 0}
@@ -80,6 +80,7 @@ def test_offline_run_holds_the_record(tmp_path, monkeypatch):
                for r in by_type["summary"] for u in r.summary.update}
     assert {k: summary[k] for k in flatten_metrics(record)} == flatten_metrics(record)
     assert summary["status"] == "done" and summary["key"] == record["key"]
+    assert {f: summary[f] for f in SUMMARY_FIELDS} == {f: record[f] for f in SUMMARY_FIELDS}
     artifact = by_type["artifact"][0].artifact
     assert (artifact.name, artifact.type) == (f"record-{record['key']}", "result-record")
     [entry] = artifact.manifest.contents
@@ -156,3 +157,18 @@ def test_report_logs_to_an_offline_run(tmp_path, monkeypatch):
     assert "figure/tiny-llada-sweep-a-drop" in history
     files = {e.path for e in artifacts["report"].manifest.contents}
     assert {"report-sweep-a.md", "tiny-llada-sweep-a.tex", "tiny-llada-sweep-a.csv"} <= files
+
+
+def test_offline_run_of_a_faulted_record_holds_its_status_error_and_fault(tmp_path, monkeypatch):
+    wandb_env(monkeypatch, tmp_path)
+    record = new_record(SPEC, status="failed", error="Traceback ...\nNumericalFault: non finite weights at blocks.0.q_proj",
+                        fault={"kind": "non_finite_weights", "layer": "blocks.0.q_proj", "detail": "1 NaN"},
+                        timings=TIMINGS, sweep="sweep-a")
+    run_dir = WandbLogger(mode="offline", project="qdlm-test", dir=tmp_path / "wb").log_record(record)
+    by_type, history, artifacts = run_records(run_dir)
+    summary = {"/".join(u.nested_key) or u.key: json.loads(u.value_json)
+               for r in by_type["summary"] for u in r.summary.update}
+    assert {f: summary[f] for f in SUMMARY_FIELDS} == {f: record[f] for f in SUMMARY_FIELDS}
+    assert summary["fault"]["layer"] == "blocks.0.q_proj" and summary["status"] == "failed"
+    [entry] = artifacts["result-record"].manifest.contents
+    assert json.load(open(entry.local_path)) == record
