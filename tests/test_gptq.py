@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qdlm_bench import methods
+from qdlm_bench.faults import NumericalFault
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.quant import QuantSpec, fake_quant, linear_layers, quantized_layer_names
 from qdlm_bench.methods.gptq import Hessian, gptq_quantize
@@ -106,6 +107,25 @@ def test_singular_hessian_raises_damp_with_warning():
         Q, info = gptq_quantize(W, hessian(x), 4, False, 128, damp=1e-9, name="blocks.0.q_proj")
     assert info["damp"] > 1e-9 and info["dead"] == 1
     assert torch.isfinite(Q).all() and torch.all(Q[:, 7] == 0)
+
+
+def test_hessian_never_positive_definite_is_a_numerical_fault_naming_the_layer():
+    H = -torch.eye(256)  # negative definite: no dampening of at most max_damp * mean(diag) = -1 helps
+    with pytest.warns(UserWarning, match="Cholesky failed") as caught:
+        with pytest.raises(NumericalFault) as err:
+            gptq_quantize(W, H, 4, False, 128, damp=0.01, max_damp=1.0, name="blocks.2.gate_proj+up_proj")
+    assert (err.value.kind, err.value.layer) == ("hessian_not_pd", "blocks.2.gate_proj+up_proj")
+    assert "damp=1 " in str(err.value) and len(caught) == 2  # 0.01 -> 0.1 -> 1, then the fault
+
+
+def test_non_finite_hessian_is_a_numerical_fault_without_retries():
+    x = correlated(64)
+    x[3, 10] = float("nan")  # one NaN calibration activation
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no damp retries
+        with pytest.raises(NumericalFault, match="hessian not pd at blocks.0.q_proj: the Hessian holds 511 NaN") as err:
+            gptq_quantize(W, hessian(x), 4, False, 128, name="blocks.0.q_proj")
+    assert err.value.kind == "hessian_not_pd"
 
 
 # --- the block walk -----------------------------------------------------------------------------
