@@ -1,7 +1,9 @@
 """HumanEval / MBPP scoring by executing programs (qdlm_bench.code_exec), with or without chat.
 
-lm-eval's own code tasks call ``evaluate.load("code_eval")``, which needs the network. Here each
-doc's answers become test programs run in a subprocess; the metric is pass@1 (the mean over
+lm-eval's own code tasks call ``evaluate.load("code_eval")``, which needs the network and runs the
+programs unsandboxed. Here each doc's answers become test programs run in the sandbox of
+``eval.code_sandbox`` (``qdlm_bench.code_exec``; ``harness.run`` sets it, ``auto`` when called
+directly); the metric is pass@1 (the mean over
 answers of passing, i.e. unbiased pass@1 when a task repeats). An answer's code is:
 
 - without the chat template: the answer as generated (a completion), as lm-eval's ``humaneval``

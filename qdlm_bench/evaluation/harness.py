@@ -23,14 +23,18 @@ hellaswag_local is a 1000-example subset of HellaSwag's validation set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
 import lm_eval
 from lm_eval.tasks import TaskManager
 
+from qdlm_bench import sandbox
+
 from . import tasks as task_resolution
 from .adapter import DiffusionLMAdapter
+from .code_tasks import check_sandbox, code_tasks
 from .settings import EvalSettings
 
 PRIMARY_METRICS = {
@@ -99,9 +103,11 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
     (``EvalSettings``, which learns here the groups around each task). Groups (e.g. mmlu_local)
     report their aggregate. ``log_samples`` adds lm-eval's per-document records (doc, prompt
     arguments, responses, filtered response, metrics) under "samples". Code tasks execute model
-    output in a subprocess (``qdlm_bench.code_exec``), hence ``confirm_run_unsafe_code``.
+    output in ``settings.code_sandbox`` (``qdlm_bench.code_exec``; checked first,
+    ``code_tasks.check_sandbox``) and their summary says which sandbox ran it ("code_sandbox").
     """
     settings = settings or EvalSettings()
+    code_mode = check_sandbox(tasks, settings.code_sandbox, settings.include_path)
     objs = task_resolution.build_tasks(task_resolution.resolve_tasks(
         tasks, settings.data_dir, include_path=settings.include_path))
     settings = settings.within(task_resolution.group_chains(objs))
@@ -111,17 +117,21 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
             task.set_config(key="num_fewshot", value=shots)
     chat = bool(settings.apply_chat_template)
     seed = settings.seed
-    results = lm_eval.simple_evaluate(
-        model=DiffusionLMAdapter(model, tokenizer, settings), tasks=objs, limit=settings.limit,
-        log_samples=settings.log_samples, apply_chat_template=chat, fewshot_as_multiturn=chat,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-        fewshot_random_seed=settings.fewshot_seed,
-        confirm_run_unsafe_code=True, task_manager=TaskManager(include_defaults=False),
-    )
+    with sandbox.using(settings.code_sandbox) if code_mode else contextlib.nullcontext():
+        results = lm_eval.simple_evaluate(
+            model=DiffusionLMAdapter(model, tokenizer, settings), tasks=objs, limit=settings.limit,
+            log_samples=settings.log_samples, apply_chat_template=chat, fewshot_as_multiturn=chat,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=settings.fewshot_seed,
+            confirm_run_unsafe_code=code_mode is not None, task_manager=TaskManager(include_defaults=False),
+        )
+    executed = code_tasks(tasks, settings.include_path)
     out = {}
     for obj in objs:
         name = getattr(obj, "task_name", None) or obj.name
         out[name] = summarize(name, results["results"][name])
+        if name in executed:
+            out[name]["code_sandbox"] = code_mode
         if settings.log_samples:
             samples = [s for t in task_resolution.leaf_tasks([obj]) for s in results["samples"].get(t.task_name, [])]
             out[name]["samples"] = json.loads(json.dumps(samples, default=str))

@@ -24,6 +24,7 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from qdlm_bench import sandbox
 from qdlm_bench.generation import GenerationConfig
 
 from . import tasks as task_resolution
@@ -67,6 +68,8 @@ class EvalSettings:
     include_path: folder(s) of your own task YAMLs (lm-eval's include_path; see ``tasks``).
     log_samples: also return lm-eval's per-sample records under each task's "samples".
     progress: show progress bars of generation and likelihood.
+    code_sandbox: how code tasks run generated programs: auto | bwrap | unshare | none
+        (``qdlm_bench.sandbox``); checked against the run's tasks by ``validate_tasks``.
     groups: {task: its groups, innermost first} of the tasks being run (``within``); the group that
         generates a task (mmlu_local's subjects) counts too, also when it runs alone.
     """
@@ -84,6 +87,7 @@ class EvalSettings:
     include_path: str | list[str] | None = None
     log_samples: bool = False
     progress: bool = False
+    code_sandbox: str = "auto"
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
@@ -111,6 +115,7 @@ class EvalSettings:
         for task, overrides in self.generation.items():
             _check_keys(f"generation[{task!r}]", overrides, TASK_KEYS)
         _check_keys("generation_defaults", self.generation_defaults, GENERATION_KEYS)
+        sandbox.check_mode(self.code_sandbox)
 
     def within(self, groups: Mapping[str, tuple[str, ...]]) -> EvalSettings:
         """A copy that knows the groups around the tasks being run (``tasks.group_chains``)."""
