@@ -131,12 +131,19 @@ def resolve(mode: str) -> str:
             reasons = "; ".join(f"{m}: {missing(m)}" for m in STRONGEST_FIRST)
             raise ValueError(f"eval.code_sandbox=auto found no sandbox for generated code ({reasons}). Install "
                              f"bubblewrap ({INSTALL}), or run the programs unisolated with eval.code_sandbox=none")
+        _announce(found[0])
         return found[0]
     reason = missing(mode)
     if reason:
         raise ValueError(f"eval.code_sandbox={mode} cannot run here: {reason}"
                          + (f" (install: {INSTALL})" if mode == "bwrap" else ""))
     return mode
+
+
+@functools.cache
+def _announce(mode: str) -> None:
+    """Once per process: the mode ``auto`` chose."""
+    log.info("eval.code_sandbox=auto: generated programs run in %s (available here: %s)", mode, ", ".join(available()))
 
 
 _configured = "auto"
