@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from qdlm_bench.paths import CONF_DIR
-from qdlm_bench.sweep_report import JOB_RECORD, OUTCOME
+from qdlm_bench.sweep_report import JOB_RECORD, OUTCOME, check_store
 
 log = logging.getLogger("qdlm_bench")
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True)  # output folders: conf/config.yaml
@@ -83,7 +83,9 @@ def main() -> None:
         run_job()
     except SystemExit as exc:
         if exc.code == 1 and not OUTCOME["composed"]:  # Hydra could not compose the config (it printed why)
-            print("invalid configuration: Hydra could not compose it (see above)", file=sys.stderr)
+            print("invalid configuration: Hydra could not compose it (its reason is above); a key that is not "
+                  "in a section's yaml takes a leading + (+method.<key>=...), and is then checked against the "
+                  "section's valid keys", file=sys.stderr)
             sys.exit(2)
         raise
     if OUTCOME["invalid"]:
@@ -102,9 +104,11 @@ def run_job(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     plain = OmegaConf.to_container(cfg, resolve=True)
     try:
+        check_store(plain, None, {})  # a file or unwritable store: before torch loads
         spec = runspec.build(plain)
         if cfg.baseline not in BASELINE:
             raise runspec.ConfigError(f"baseline={cfg.baseline!r}; use one of {', '.join(BASELINE)}")
+        check_store(plain, spec, {})  # a file or unwritable store, an unreadable record at the key
         from qdlm_bench import pipeline  # torch, lm-eval, transformers: only once the config is valid
 
         run_args = dict(store_root=cfg.store, sweep=sweep_name(cfg),

@@ -88,6 +88,9 @@ def check_model(model: dict) -> dict:
     unknown = set(model) - set(MODEL_FIELDS)
     if unknown:
         raise ConfigError(f"unknown model field(s) {sorted(unknown)}; valid: {list(MODEL_FIELDS)}")
+    if model.get("family") not in layout.FAMILIES:
+        raise ConfigError(f"model.family={model.get('family')!r}{_hint(model.get('family'), layout.FAMILIES)}; "
+                          f"supported: {', '.join(layout.FAMILIES)}")
     if model.get("zoo") and not model.get("path"):
         folder = ZOO_DIR / str(model["zoo"])
         if not folder.is_dir():
@@ -147,16 +150,19 @@ def check_groups(quant: QuantSpec, model: dict) -> None:
     """A weight group wider than a quantized linear's input would quantize it per channel under a
     group name: refused, naming the widths (known from config.json or the shape preset). A group
     size that does not divide a width is allowed: the last group is shorter, as in the reference GPTQ."""
-    if quant.is_fp or quant.group_size is None:
-        return
-    if model.get("path"):
-        cfg = layout.check(model["path"], model.get("family"))
-    elif model.get("shape"):
+    if model.get("shape") and not model.get("path"):
         from qdlm_bench.models.presets import SHAPES  # torch is loaded by now (device resolution)
 
         if model["shape"] not in SHAPES:
             raise ConfigError(f"model.shape={model['shape']!r} is not a shape preset{_hint(model['shape'], SHAPES)}; "
                               f"valid: {', '.join(SHAPES)}")
+    if quant.is_fp or quant.group_size is None:
+        return
+    if model.get("path"):
+        cfg = layout.check(model["path"], model.get("family"))
+    elif model.get("shape"):
+        from qdlm_bench.models.presets import SHAPES
+
         cfg = SHAPES[model["shape"]]
     else:  # a hub id not downloaded yet: its shapes are unknown here
         return
@@ -231,7 +237,7 @@ def build(cfg: dict) -> RunSpec:
     except (TypeError, ValueError, FileNotFoundError) as err:
         raise ConfigError(f"calib: {err}") from None
     device = resolve_device(str(cfg["device"]))  # the first torch import: every check above is torch-free
-    check_groups(quant, model)
+    check_groups(quant, model)  # and the shape preset
     return RunSpec(calib=calib, model=model, method=method, options=options, quant=quant, tasks=tasks,
                    eval=eval_cfg, settings=settings, dtype=resolve_dtype(str(cfg["dtype"]), device),
                    device=device, seed=seed)

@@ -46,14 +46,22 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
 
 def check_job(plain: dict, stores: dict) -> None:
     """One job's configuration as its run will check it (``runspec.build``, ``baseline``), plus
-    its store: writable (checked once per store) and, unless ``force``, no unreadable record at the
-    job's key. Raises ``runspec.ConfigError``."""
+    its store (``check_store``). Raises ``runspec.ConfigError``."""
     from qdlm_bench import runspec
-    from qdlm_bench.store import ResultStore, spec_key
 
     spec = runspec.build(plain)
     if plain.get("baseline") not in ("auto", "skip"):
         raise runspec.ConfigError(f"baseline={plain.get('baseline')!r}; use one of auto, skip")
+    check_store(plain, spec, stores)
+
+
+def check_store(plain: dict, spec, stores: dict) -> None:
+    """The job's store is writable (checked once per store in ``stores``) and, unless ``force``,
+    holds no unreadable record at the key of ``spec`` (None: the store alone); raises
+    ``runspec.ConfigError``."""
+    from qdlm_bench import runspec
+    from qdlm_bench.store import ResultStore, spec_key
+
     root = str(plain["store"])
     if root not in stores:
         stores[root] = ResultStore(root)
@@ -62,7 +70,7 @@ def check_job(plain: dict, stores: dict) -> None:
                 stores[root].check_writable()
             except ValueError as err:
                 raise runspec.ConfigError(str(err)) from None
-    if not plain.get("force"):
+    if spec is not None and not plain.get("force"):
         try:
             stores[root].get(spec_key(spec.semantic()))
         except ValueError as err:  # store.CorruptRecordError

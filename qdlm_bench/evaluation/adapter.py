@@ -16,6 +16,11 @@
   at the first special token (EOS, end of turn...), decoded, then cut at the first ``until``
   string. lm-eval's ``max_gen_toks``, ``do_sample`` are ignored: ``gen_length`` rules.
 
+Progress: on a terminal (stderr a tty) or with ``eval.progress=true``, each task's generation shows a
+bar over its requests (done/total, ETA; fed by the sampler's ``on_step``, which only observes),
+rolling likelihoods one over their requests, and likelihoods the sampler's own bar over its batches;
+each task's request count is logged. None of this changes a number.
+
 Requests are grouped by ``Instance.task_name`` so that each task gets its own settings
 (``EvalSettings.for_task``). Prompts longer than ``max_length`` (default: the model's
 ``max_seq_len``) lose their oldest tokens, as lm-eval's HF model does.
@@ -24,9 +29,11 @@ Requests are grouped by ``Instance.task_name`` so that each task gets its own se
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
 
 import torch
+from tqdm.auto import tqdm
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -47,6 +54,11 @@ class DiffusionLMAdapter(LM):
         self.settings = settings or EvalSettings()
         self._device = model.device
         self._stop_ids = set(tokenizer.all_special_ids) | {model.config.eos_token_id, model.config.mask_token_id}
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars: asked for (``eval.progress``), or stderr is a terminal (tqdm's ``disable=None``)."""
+        return bool(self.settings.progress) or _terminal()
 
     # ------------------------------------------------------------------------- tokenization
 
@@ -81,9 +93,11 @@ class DiffusionLMAdapter(LM):
             pairs = [self.encode_pair(*requests[i].args) for i in idx]
             _warn_truncated(task, sum(len(p) + len(t) > limit for p, t in pairs), limit)
             pairs = [(p[max(0, len(p) + len(t) - limit) :], t) for p, t in pairs]
+            mc_num = self.settings.for_task(task)["mc_num"]
+            log.info("%s: %d loglikelihood requests x %d Monte-Carlo samples", task, len(idx), mc_num)
             lls = diffusion.loglikelihood(
-                self.model, pairs, mc_num=self.settings.for_task(task)["mc_num"],
-                batch_size=self.settings.batch_size, seed=self.settings.seed, progress=self.settings.progress)
+                self.model, pairs, mc_num=mc_num,
+                batch_size=self.settings.batch_size, seed=self.settings.seed, progress=self.progress)
             check = [j for j, i in enumerate(idx) if reads_greedy[i]]
             greedy = dict(zip(check, self.is_greedy([pairs[j] for j in check])))
             for j, (i, ll) in enumerate(zip(idx, lls)):
@@ -107,7 +121,8 @@ class DiffusionLMAdapter(LM):
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         out = []
-        for req in requests:
+        log.info("%d loglikelihood_rolling requests", len(requests))
+        for req in tqdm(requests, desc="loglikelihood_rolling", unit="req", disable=not self.progress, file=sys.stderr):
             task = req.task_name or ""
             tokens = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
             out.append(diffusion.rolling_loglikelihood(
@@ -124,8 +139,11 @@ class DiffusionLMAdapter(LM):
             _warn_truncated(task, sum(len(p) > keep for p in prompts), keep)
             prompts = [p[-keep:] for p in prompts]
             generator = torch.Generator(self.model.device).manual_seed(self.settings.seed)
-            tokens = diffusion.generate(self.model, prompts, cfg, batch_size=self.settings.batch_size,
-                                        generator=generator, progress=self.settings.progress)
+            log.info("%s: %d generate_until requests (gen_length %d, steps %d, batch %d)", task, len(idx),
+                     cfg.gen_length, cfg.steps, self.settings.batch_size)
+            with RequestBar(f"{task} generate_until", len(idx), cfg.steps, self.progress) as bar:
+                tokens = diffusion.generate(self.model, prompts, cfg, batch_size=self.settings.batch_size,
+                                            generator=generator, progress=self.settings.progress, on_step=bar.on_step)
             for i, toks in zip(idx, tokens):
                 out[i] = cut_at_stops(self.decode(toks), requests[i].args[1].get("until"))
         return out
@@ -145,6 +163,41 @@ class DiffusionLMAdapter(LM):
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.tokenizer.chat_template if chat_template else None
+
+
+def _terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class RequestBar:
+    """A bar over a task's generation requests (done/total, ETA), advanced by ``diffusion.generate``'s
+    ``on_step(step, x)``: a batch of ``x.shape[0]`` requests is ``(step + 1) / steps`` done; a step
+    index that does not grow starts the next batch. Observes only."""
+
+    def __init__(self, desc: str, total: int, steps: int, enabled: bool):
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, unit="req",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} requests [{elapsed}<{remaining}]")
+        self.steps, self.done, self.rows, self.last = max(1, steps), 0, 0, -1
+
+    def on_step(self, step: int, x) -> None:
+        if step <= self.last:
+            self.done += self.rows
+        self.rows, self.last = int(x.shape[0]), step
+        self._set(self.done + self.rows * min(1.0, (step + 1) / self.steps))
+
+    def _set(self, n: float) -> None:
+        self.bar.update(min(n, self.bar.total) - self.bar.n)
+
+    def __enter__(self) -> RequestBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self._set(self.bar.total)
+        self.bar.close()
 
 
 def _warn_truncated(task: str, n: int, kept: int):

@@ -21,6 +21,8 @@ from .config import DLLMConfig
 
 FAMILIES = {"llada": llada, "dream": dream}
 INDEX = "model.safetensors.index.json"
+# model_types that a family reads when the preset names it (a Qwen2 checkpoint read as Dream)
+READ_AS = {"dream": ("qwen2",), "llada": ()}
 _ARCHITECTURES = {"llada": "model_type llada / architectures LLaDAModelLM",
                   "dream": "model_type Dream / architectures DreamModel"}
 
@@ -123,7 +125,10 @@ def _read_config(folder: Path, family: str | None) -> DLLMConfig:
     except ValueError:
         detected = None
     name = family or detected
-    if name is None:
+    if detected is not None and family is not None and detected != family:
+        raise CheckpointError(f"{path} is a {detected} checkpoint ({_ARCHITECTURES[detected]}), not {family}: "
+                              f"set model.family={detected} (or use a {detected} model preset)")
+    if detected is None and str(hf.get("model_type", "")).lower() not in READ_AS.get(name, ()):
         raise CheckpointError(f"{path}: unsupported architecture (model_type={hf.get('model_type')!r}, "
                               f"architectures={hf.get('architectures')}); supported: {supported}")
     try:
