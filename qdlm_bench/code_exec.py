@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ DEFAULT_MEMORY_MB = 2048
 OUTPUT_MB = 16
 MAX_FILES = 256
 STDERR_TAIL_BYTES = 4096
-GRACE_S = 2.0  # after the timeout: for the sandbox to stop its processes before SIGKILL
+GRACE_S = 2.0  # after the timeout: for none's reaper to kill what the program left, before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -82,26 +83,46 @@ def run_program(program: str, *, timeout: float = DEFAULT_TIMEOUT_S, memory_mb: 
                 f.write(program)
             with open(os.path.join(tmp, "stderr"), "w+b") as err:
                 status = _run(sandbox.command(mode, work, [sys.executable, "-I", "program.py"]), work, err,
-                              timeout, _limits(timeout, memory_mb, cgroup), cgroup)
+                              timeout, _limits(timeout, memory_mb, cgroup), mode, cgroup)
                 return ExecResult(status, "" if status == "timeout" else _tail(err), mode)
     finally:
         if cgroup is not None:
             cgroup.remove()
 
 
-def _run(cmd: list[str], work: str, err, timeout: float, limits, cgroup: PidsCgroup | None) -> str:
-    """Run ``cmd``; at the timeout, SIGTERM (the sandbox stops everything), then SIGKILL its group."""
+def _exited(proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether ``proc`` exits within ``timeout``: woken by its pidfd the moment it does (Popen.wait
+    with a timeout polls, up to 50 ms late), else by Popen.wait where pidfds are missing."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(fd)
+
+
+def _run(cmd: list[str], work: str, err, timeout: float, limits, mode: str, cgroup: PidsCgroup | None) -> str:
+    """Run ``cmd``; at the timeout, stop it: SIGTERM to ``none``'s reaper (it kills what the program
+    left), SIGKILL to bwrap or unshare (their PID namespace dies with them)."""
     proc = subprocess.Popen(cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                             preexec_fn=limits, start_new_session=True, env=sandbox.environment(work))
     try:
-        return "passed" if proc.wait(timeout) == 0 else "failed"
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.wait(GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        if _exited(proc, timeout):
+            return "passed" if proc.wait() == 0 else "failed"
+        if mode == "none":
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(GRACE_S)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         return "timeout"
     finally:

@@ -81,7 +81,7 @@ def command(mode: str, work: str, argv: list[str]) -> list[str]:
             args += ["--setenv", key, value]
         return [*args, "prlimit", f"--nproc={MAX_PROCS}", "--", *argv]
     if mode == "unshare":
-        setup = [sys.executable, "-I", str(_HERE / "sandbox_unshare.py"), "--work", work, "--nproc", str(MAX_PROCS)]
+        setup = [sys.executable, "-I", "-S", str(_HERE / "sandbox_unshare.py"), "--work", work, "--nproc", str(MAX_PROCS)]
         for d in hidden_dirs():
             setup += ["--hide", d]
         for d in python_dirs():
@@ -89,7 +89,7 @@ def command(mode: str, work: str, argv: list[str]) -> list[str]:
         return ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc", "--mount",
                 "--ipc", "--uts", "--kill-child", "--", *setup, "--", *argv]
     if mode == "none":
-        return [sys.executable, "-I", str(_HERE / "sandbox_reaper.py"), "--", *argv]
+        return [sys.executable, "-I", "-S", str(_HERE / "sandbox_reaper.py"), "--", *argv]
     raise ValueError(f"unknown sandbox mode {mode!r}; choose one of {', '.join(MODES)}")
 
 

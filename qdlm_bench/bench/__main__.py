@@ -6,7 +6,7 @@ import importlib
 import json
 import sys
 
-BENCHES = ("sampler", "forward", "quantize", "config_errors")
+BENCHES = ("sampler", "forward", "quantize", "config_errors", "sandbox")
 
 
 def main(argv: list[str]) -> None:
