@@ -220,7 +220,8 @@ class ResultStore:
     def lock(self, key: str) -> Iterator[bool]:
         """Hold the exclusive lock of `key` (``flock`` on ``<root>/.locks/<key>.lock``, across
         processes); yields whether another holder had to be waited for. Released on exit, or by
-        the kernel when the process dies."""
+        the kernel when the process dies. The descriptor is closed on exec (subprocesses never
+        hold it), but a child forked without exec while the lock is held shares it until it exits."""
         folder = self.root / LOCK_DIR
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / f"{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)  # group-readable (umask)
