@@ -63,6 +63,14 @@ def check_store(plain: dict, spec, stores: dict) -> None:
     from qdlm_bench.store import ResultStore, spec_key
 
     root = str(plain["store"])
+    if spec is None:  # before the configuration check: look, create nothing
+        path = Path(root).expanduser().absolute()
+        above = next(p for p in (path, *path.parents) if p.exists())
+        if not above.is_dir():
+            where = "is a file" if above == path else f"lies under {above}, a file"
+            raise runspec.ConfigError(f"result store {path} {where}, not a folder; move the file away or pass "
+                                      "store=<a writable folder>")
+        return
     if root not in stores:
         stores[root] = ResultStore(root)
         if hasattr(stores[root], "check_writable"):

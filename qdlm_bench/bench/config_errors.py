@@ -117,7 +117,8 @@ CASES = (
     _c("corrupted record at the run's key", "store={dir}/corrupt_store", "unreadable result record",
        "force=true"),
     _c("store is a file", "store={dir}/a_file", "is a file, not a folder", "store=<a writable folder>"),
-    _c("store cannot be created", "store={dir}/a_file/results", "cannot create", "store=<a writable folder>"),
+    _c("store under a file (cannot be created)", "store={dir}/a_file/results", "lies under", "a file, not a folder",
+       "store=<a writable folder>"),
 )
 TARGET_S = 3.0
 LOG_PREFIX = re.compile(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ")  # Hydra's job logging: [time][logger][LEVEL] -
