@@ -55,8 +55,8 @@ def hidden_dirs() -> list[str]:
 
 def python_dirs() -> list[str]:
     """Python's install folders (bound back read-only when a hidden folder holds them)."""
-    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)))}
-    return sorted(dirs)
+    executable_dir = os.path.dirname(os.path.realpath(sys.executable))
+    return sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, executable_dir)})
 
 
 def environment(work: str) -> dict[str, str]:
@@ -81,7 +81,8 @@ def command(mode: str, work: str, argv: list[str]) -> list[str]:
             args += ["--setenv", key, value]
         return [*args, "prlimit", f"--nproc={MAX_PROCS}", "--", *argv]
     if mode == "unshare":
-        setup = [sys.executable, "-I", "-S", str(_HERE / "sandbox_unshare.py"), "--work", work, "--nproc", str(MAX_PROCS)]
+        setup = [sys.executable, "-I", "-S", str(_HERE / "sandbox_unshare.py"), "--work", work,
+                 "--nproc", str(MAX_PROCS)]
         for d in hidden_dirs():
             setup += ["--hide", d]
         for d in python_dirs():

@@ -149,7 +149,8 @@ PROBES: tuple[Probe, ...] = (
           lambda s, r, sec, mb: r.stderr.strip().splitlines()[-1] if r.status == "passed" else None),
     Probe("network", "connect to a socket listening on 127.0.0.1",
           lambda s: ("import socket\n"
-                     f"socket.create_connection(('127.0.0.1', {s.listener.getsockname()[1]}), timeout=2).sendall(b'x')\n"),
+                     f"address = ('127.0.0.1', {s.listener.getsockname()[1]})\n"
+                     "socket.create_connection(address, timeout=2).sendall(b'x')\n"),
           lambda s, r, sec, mb: "connected to 127.0.0.1" if _connected(s) else None),
     Probe("kill_process", "os.kill(<another process of the same user>, SIGKILL), as os.kill(os.getppid(), 9)",
           lambda s: f"import os, signal\nos.kill({s.holder.pid}, signal.SIGKILL)\n",
@@ -161,7 +162,8 @@ PROBES: tuple[Probe, ...] = (
           lambda s: ("import os, sys, time\nn = 0\n"
                      f"for _ in range({FORKS}):\n"
                      "    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
-                     "    if pid == 0:\n        os.close(1)\n        os.close(2)\n        time.sleep(5)\n        os._exit(0)\n    n += 1\n"
+                     "    if pid == 0:\n        os.close(1)\n        os.close(2)\n"
+                     "        time.sleep(5)\n        os._exit(0)\n    n += 1\n"
                      f"sys.stderr.write(f'forked {{n}}')\nsys.exit(0 if n == {FORKS} else 1)\n"),
           lambda s, r, sec, mb: f"forked {FORKS} processes" if r.status == "passed" else None),
     Probe("allocate_10gb", "bytearray(10 GiB)",

@@ -1,11 +1,20 @@
-"""Sandboxed execution of generated programs and the pass@k estimator."""
+"""Execution of generated programs (in the strongest sandbox here) and the pass@k estimator.
+The sandbox's own guarantees: test_sandbox.py."""
 
 import math
 import time
 
 import pytest
 
+from qdlm_bench import sandbox
 from qdlm_bench.code_exec import pass_at_k, run_program, run_programs
+
+
+@pytest.fixture(autouse=True)
+def strongest_sandbox():
+    """Scoring does not depend on the mode: the strongest here, else none (no sandbox installed)."""
+    with sandbox.using((sandbox.available() or ["none"])[0]):
+        yield
 
 ADD = "def add(a, b):\n    return {body}\n\nassert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
 

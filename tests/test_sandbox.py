@@ -166,3 +166,11 @@ def test_the_record_says_which_sandbox_scored_a_code_task(tmp_path):
         {"limit": 2, "code_sandbox": mode, "generation": {"": {"gen_length": 8, "steps": 8, "block_length": 8}}})
     out = evaluation.run(DiffusionLM(cfg).eval(), tok, ["mini_code"], settings)
     assert out["mini_code"]["code_sandbox"] == mode and out["mini_code"]["metric"] == "pass@1,none"
+
+
+def test_bench_times_every_mode_against_the_pre_sandbox_subprocess():
+    from qdlm_bench.bench import sandbox as bench
+
+    result = bench.run(["programs=2", "probes=0"])
+    assert set(result["median_ms_per_program"]) == {"baseline", *sandbox.available(), "none"}
+    assert all(v > 0 for v in result["median_ms_per_program"].values())

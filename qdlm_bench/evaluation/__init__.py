@@ -29,5 +29,6 @@ def validate_tasks(names: list[str], data_dir=None, include_path=None, code_sand
 __getattr__ = lazy_exports(__name__, {"DiffusionLMAdapter": ".adapter", "PRIMARY_METRICS": ".harness",
                                       "primary_metric": ".harness", "run": ".harness"})
 
-__all__ = ["DiffusionLMAdapter", "EvalSettings", "PRIMARY_METRICS", "STUDY_DEFAULTS", "check_sandbox", "default_data_dir",
+__all__ = ["DiffusionLMAdapter", "EvalSettings", "PRIMARY_METRICS", "STUDY_DEFAULTS", "check_sandbox",
+           "default_data_dir",
            "local_tasks", "primary_metric", "resolve_tasks", "run", "validate_tasks"]
