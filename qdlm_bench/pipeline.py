@@ -91,7 +91,7 @@ def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str 
         log.info("skipping %s: already in %s", label, store.path_for(key))
         return before
     with store.lock(key) as waited:
-        now = _lookup(store, key, force)
+        now = _lookup(store, key, force, quiet=True)
         if now is not None and (now.get("status") == "done" and not force
                                 or waited and now.get("created") != (before or {}).get("created")):
             log.info("skipping %s: %s by another process while waiting (%s)", label, now.get("status"),
@@ -106,14 +106,15 @@ def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str 
     return record
 
 
-def _lookup(store: ResultStore, key: str, force: bool) -> dict | None:
+def _lookup(store: ResultStore, key: str, force: bool, quiet: bool = False) -> dict | None:
     """The stored record of ``key`` (None if none); an unreadable one is a ConfigError unless ``force``."""
     try:
         return store.get(key)
     except CorruptRecordError as err:
         if not force:
             raise runspec.ConfigError(str(err)) from None
-        log.warning("replacing %s (force=true): %s", err.path, err.reason)
+        if not quiet:
+            log.warning("replacing %s (force=true): %s", err.path, err.reason)
         return None
 
 

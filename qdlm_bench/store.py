@@ -210,7 +210,12 @@ class ResultStore:
     def get(self, key: str) -> dict | None:
         """The record of `key`, None when there is none; CorruptRecordError when its file is unreadable."""
         path = self.path_for(key)
-        return self.load(path) if path.exists() else None
+        if not path.exists():
+            return None
+        record = self.load(path)
+        if record["key"] != key:  # e.g. another record copied under this name
+            raise CorruptRecordError(path, f"it holds the record of key {record['key']}, not {key}")
+        return record
 
     def is_done(self, key: str) -> bool:
         record = self.get(key)

@@ -218,6 +218,11 @@ def test_get_raises_on_a_corrupt_record_and_records_skips_it(tmp_path):
         assert isinstance(err.value, ValueError) and err.value.path == results.path_for(key)
         assert str(results.path_for(key)) in str(err.value) and reason in str(err.value)
         assert "delete the file, or rerun with force=true" in str(err.value)
+    copied = results.path_for("0" * 16)  # a good record under another key's name
+    copied.write_text(results.path_for(good["key"]).read_text())
+    with pytest.raises(store.CorruptRecordError, match=f"holds the record of key {good['key']}, not 0000"):
+        results.get("0" * 16)
+    copied.unlink()
     with pytest.warns(store.CorruptRecordWarning) as caught:
         assert [r["key"] for r in results.records()] == [good["key"]]
     assert len(caught) == 2
