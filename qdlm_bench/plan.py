@@ -279,7 +279,7 @@ def _probe_inputs(probe, cfg):
     return probe.lengths, dataclasses.replace(gen, steps=min(gen.steps, 8))
 
 
-def time_probe(model, probe, min_seconds: float = 0.5, warm: bool = True) -> tuple[float, float]:
+def time_probe(model, probe, min_seconds: float = 2.0, warm: bool = True) -> tuple[float, float]:
     """``(FLOPs, seconds)`` of running ``probe`` (``cost.Probe``, shortened by ``_probe_inputs``)
     through the real sampler on ``model``: once untimed when ``warm``, then timed, repeated
     until ``min_seconds`` have passed."""
@@ -433,8 +433,11 @@ def _num(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _tflops(x: float) -> str:
-    return f"{x / 1e12:.3g}"
+def _flops(x: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
 
 
 def _time(h: float | None) -> str:
@@ -476,7 +479,7 @@ def as_json(runs: list[RunPlan], rate: Rate | None) -> dict:
 
 def table(runs: list[RunPlan], rate: Rate | None) -> str:
     """The plan as a text table (one row per run x task) with its totals."""
-    head = ("#", "model", "method", "bits", "task", "examples", "requests", "passes", "tokens", "TFLOPs",
+    head = ("#", "model", "method", "bits", "task", "examples", "requests", "passes", "tokens", "FLOPs",
             "time", "status")
     rows = []
     for r in runs:
@@ -489,7 +492,7 @@ def table(runs: list[RunPlan], rate: Rate | None) -> str:
         for task, examples, requests, passes, c in parts:
             hours = _time(rate.hours(c)) if rate and r.runs else "-"
             rows.append((num, r.model, r.method, r.bits, task, examples, requests, passes, _num(c.tokens),
-                         _tflops(c.flops), hours, status))
+                         _flops(c.flops), hours, status))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     numeric = {5, 6, 7, 8, 9, 10}
 
@@ -499,10 +502,10 @@ def table(runs: list[RunPlan], rate: Rate | None) -> str:
     out = [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows), ""]
     for label, running in (("to run", True), ("whole sweep (force=true)", False)):
         t = totals(runs, rate, running)
-        calib = (f"; calibration (1 pass) {_num(t['calib_tokens'])} tokens, {_tflops(t['calib_flops'])} TFLOPs, "
+        calib = (f"; calibration (1 pass) {_num(t['calib_tokens'])} tokens, {_flops(t['calib_flops'])} FLOPs, "
                  f"{_time(t['calib_hours'])}") if t["calib_tokens"] else ""
         out.append(f"{label}: {t['runs']} run(s), {t['passes']}{'*' if t['approx'] else ''} forward passes, "
-                   f"{_num(t['tokens'])} tokens, {_tflops(t['flops'])} TFLOPs, {_time(t['hours'])}{calib}")
+                   f"{_num(t['tokens'])} tokens, {_flops(t['flops'])} FLOPs, {_time(t['hours'])}{calib}")
     if rate:
         kinds = ", ".join(f"{k} {v:.4g}" for k, v in rate.by_kind.items())
         out.append(f"time at {rate.tflops:.4g} TFLOP/s achieved{f' ({kinds})' if kinds else ''}, {rate.source}; "
