@@ -149,3 +149,17 @@ def test_cli_statuses_and_json(tmp_path, capsys):
 def test_bad_configuration_exits_2(capsys):
     assert plan.main(["method=nope"]) == 2
     assert "invalid configuration" in capsys.readouterr().err
+
+
+def test_bench_json_throughput():
+    """The achieved TFLOP/s of the benchmarks' JSON: sampler's top level, forward's FP figure."""
+    from qdlm_bench.paths import PACKAGE_DIR
+
+    bench = PACKAGE_DIR.parent / "reports" / "bench"
+    if not bench.is_dir():
+        pytest.skip("reports/bench is not shipped in an installed package")
+    assert plan.bench_throughput(bench / "h100-sampler.json") == 432.5
+    assert plan.bench_throughput(bench / "h100-forward-w4a4-quarot.json") == 488.0
+    rate = plan.Rate(100.0, "test", {"generate": 50.0})
+    c = cost.Cost(flops=3e14, flops_by_kind={"generate": 1e14, "loglikelihood": 2e14})
+    assert rate.hours(c) * 3600 == pytest.approx(1e14 / 50e12 + 2e14 / 100e12)
