@@ -211,6 +211,7 @@ def make_plan(overrides: list[str], multirun: bool, progress=None) -> list[RunPl
     planned: dict[str, int] = {}  # record key -> job number that runs it
     fp_planned: set[str] = set()  # baseline keys whose FP run is planned
     eval_cache: dict[str, list[TaskPlan]] = {}
+    fp_done: dict[str, set[str]] = {}  # store root -> baseline keys of its finished FP records
     jobs = sweep_jobs.expand(overrides, multirun)
     say(f"{len(jobs)} job(s)")
     for num, job in enumerate(jobs, 1):
@@ -226,8 +227,10 @@ def make_plan(overrides: list[str], multirun: bool, progress=None) -> list[RunPl
             key, store = spec_key(semantic), ResultStore(job_cfg["store"])
             base = baseline_key(semantic)
             if job_num == 0:  # the baseline ensure_baseline would run, unless it exists or is planned
-                done = store.records(baseline_key=base, method="fp", status="done") if store.root.is_dir() else []
-                if done or base in fp_planned or key in planned:
+                if str(store.root) not in fp_done:
+                    found = store.records(method="fp", status="done") if store.root.is_dir() else []
+                    fp_done[str(store.root)] = {r.get("baseline_key") for r in found}
+                if base in fp_done[str(store.root)] or base in fp_planned or key in planned:
                     continue
                 status = STATUS_BASELINE
             elif key in planned:
