@@ -137,10 +137,10 @@ def dream_steps(gen) -> tuple[int, bool]:
 
 def generation_cost(cfg, prompt_lens: list[int], gen, batch_size: int) -> Cost:
     """``diffusion.generate`` of prompts of these lengths (already cut to the window)."""
-    from qdlm_bench.diffusion import _check_generation
+    from qdlm_bench.diffusion import check_generation
 
     sampler = gen.sampler or cfg.family
-    _check_generation(gen, sampler, [[0] * n for n in prompt_lens])
+    check_generation(gen, sampler, [[0] * n for n in prompt_lens])
     if sampler == "llada":
         steps, approx, cols = llada_steps(gen), False, gen.block_length
         rows_per = 2 if gen.cfg_scale > 0 else 1
@@ -200,7 +200,7 @@ def requests_cost(lm, requests: list) -> dict[str, Cost]:
     """``{task: Cost}`` of lm-eval Instances (all tasks' requests, as ``evaluate`` sends them)
     through ``lm``, a ``DiffusionLMAdapter`` (its model needs only ``config`` and ``device``: the
     tokenizer and settings do the rest)."""
-    from qdlm_bench.evaluation.adapter import _by_task, _reads_is_greedy
+    from qdlm_bench.evaluation.adapter import requests_by_task, reads_is_greedy
 
     cfg, settings = lm.model.config, lm.settings
     bs = settings.batch_size
@@ -209,8 +209,8 @@ def requests_cost(lm, requests: list) -> dict[str, Cost]:
         by_type[req.request_type].extend([req] * (req.repeats or 1))
     out: dict[str, Cost] = defaultdict(Cost)
     for reqtype, reqs in by_type.items():
-        reads_greedy = _reads_is_greedy(reqs) if reqtype == "loglikelihood" else None
-        for task, idx in _by_task(reqs).items():
+        reads_greedy = reads_is_greedy(reqs) if reqtype == "loglikelihood" else None
+        for task, idx in requests_by_task(reqs).items():
             limit, mc_num = lm._max_length(task), settings.for_task(task)["mc_num"]
             if reqtype == "generate_until":
                 gen = settings.generation_config(task, reqs[idx[0]].args[1])

@@ -229,7 +229,7 @@ def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
 _SAMPLERS = {"llada": _llada_generate, "dream": _dream_generate}
 
 
-def _check_generation(cfg: GenerationConfig, sampler: str, prompts: list[list[int]]):
+def check_generation(cfg: GenerationConfig, sampler: str, prompts: list[list[int]]):
     if sampler not in _SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {tuple(_SAMPLERS)}")
     if any(len(p) == 0 for p in prompts):
@@ -269,7 +269,7 @@ def generate(
     ``x[:, -cfg.gen_length:]``, masks where still undecided).
     """
     sampler = cfg.sampler or model.config.family
-    _check_generation(cfg, sampler, prompts)
+    check_generation(cfg, sampler, prompts)
     device, mask_id, pad_id = model.device, model.config.mask_token_id, pad_token_id(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)

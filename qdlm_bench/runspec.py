@@ -55,7 +55,7 @@ class RunSpec:
         model = {k: v for k, v in self.model.items() if k not in ("path", "hub_id")}
         model["source"] = (checkpoint_fingerprint(self.model["path"]) if self.model.get("path")
                            else self.model.get("hub_id") or self.model.get("shape"))
-        evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "include_path", "batch_size")}
+        evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "include_path", "batch_size", "code_sandbox")}
         evals["task_hashes"] = task_defs.task_hashes(self.tasks, self.settings.data_dir, self.settings.include_path)
         calib = {"calib": self.calib.defining()} if self.calib else {}
         q = self.quant
@@ -227,7 +227,7 @@ def build(cfg: dict) -> RunSpec:
         first = str(err).split(" ", 1)[0]
         raise ConfigError(f"eval.{err}" if first in eval_cfg else f"eval: {err}") from None
     try:
-        evaluation.validate_tasks(tasks, settings.data_dir, settings.include_path)
+        evaluation.validate_tasks(tasks, settings.data_dir, settings.include_path, code_sandbox=settings.code_sandbox)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     try:

@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from qdlm_bench.paths import CONF_DIR
-from qdlm_bench.store import ResultStore
+from qdlm_bench.store import CorruptRecordError, ResultStore
 from qdlm_bench.tracking import WandbLogger
 
 JOB_RECORD = "record.key"  # in each job's output folder: the key of the record the job ran or skipped to
@@ -146,7 +146,13 @@ def sweep_records(store: ResultStore, sweep_dir: Path, name: str) -> list[dict]:
     keys = [p.read_text().strip() for p in sorted(sweep_dir.glob(f"*/{JOB_RECORD}"))]
     found = {r["key"]: r for r in store.records(sweep=name)}
     for key in keys:
-        if key not in found and (record := store.get(key)) is not None:
+        if key in found:
+            continue
+        try:
+            record = store.get(key)
+        except CorruptRecordError:  # store.records() already warned of it and skipped it
+            continue
+        if record is not None:
             found[key] = record
     return sorted(found.values(), key=lambda r: str(r.get("created", "")))
 
@@ -157,7 +163,7 @@ def failed_jobs(store: ResultStore, sweep_dir: Path) -> list[dict]:
     for path in sorted(sweep_dir.glob(f"*/{JOB_RECORD}")):
         try:
             record = store.get(path.read_text().strip())
-        except ValueError:  # an unreadable record: not this sweep's to judge
+        except CorruptRecordError:  # an unreadable record: not this sweep's to judge
             continue
         if record is not None and record.get("status") == "failed":
             failed.append(record)

@@ -87,8 +87,8 @@ class DiffusionLMAdapter(LM):
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         out = [None] * len(requests)
-        reads_greedy = _reads_is_greedy(requests)
-        for task, idx in _by_task(requests).items():
+        reads_greedy = reads_is_greedy(requests)
+        for task, idx in requests_by_task(requests).items():
             limit = self._max_length(task)
             pairs = [self.encode_pair(*requests[i].args) for i in idx]
             _warn_truncated(task, sum(len(p) + len(t) > limit for p, t in pairs), limit)
@@ -132,7 +132,7 @@ class DiffusionLMAdapter(LM):
 
     def generate_until(self, requests) -> list[str]:
         out = [None] * len(requests)
-        for task, idx in _by_task(requests).items():
+        for task, idx in requests_by_task(requests).items():
             cfg = self.settings.generation_config(task, requests[idx[0]].args[1])
             keep = max(1, self._max_length(task) - cfg.gen_length)
             prompts = [self.encode(requests[i].args[0]) for i in idx]
@@ -206,7 +206,7 @@ def _warn_truncated(task: str, n: int, kept: int):
                     "(raise max_length or the model's max_seq_len to avoid this)", task, n, kept)
 
 
-def _reads_is_greedy(requests) -> list[bool]:
+def reads_is_greedy(requests) -> list[bool]:
     """Which requests belong to ``output_type: loglikelihood`` tasks, whose ``acc`` reads is_greedy:
     their document sends this one request (a multiple-choice document sends one per choice)."""
     choices = defaultdict(set)
@@ -215,7 +215,7 @@ def _reads_is_greedy(requests) -> list[bool]:
     return [choices[req.task_name, req.doc_id] == {0} for req in requests]
 
 
-def _by_task(requests) -> dict[str, list[int]]:
+def requests_by_task(requests) -> dict[str, list[int]]:
     groups = defaultdict(list)
     for i, req in enumerate(requests):
         groups[req.task_name or ""].append(i)

@@ -35,6 +35,7 @@ from qdlm_bench import sandbox
 from . import tasks as task_resolution
 from .adapter import DiffusionLMAdapter
 from .code_tasks import check_sandbox, code_tasks
+from .requests import evaluate_options, prepare_tasks
 from .settings import EvalSettings
 
 PRIMARY_METRICS = {
@@ -108,21 +109,11 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
     """
     settings = settings or EvalSettings()
     code_mode = check_sandbox(tasks, settings.code_sandbox, settings.include_path)
-    objs = task_resolution.build_tasks(task_resolution.resolve_tasks(
-        tasks, settings.data_dir, include_path=settings.include_path))
-    settings = settings.within(task_resolution.group_chains(objs))
-    for task in task_resolution.leaf_tasks(objs):
-        shots = settings.fewshot_for(task.task_name)
-        if shots is not None:
-            task.set_config(key="num_fewshot", value=shots)
-    chat = bool(settings.apply_chat_template)
-    seed = settings.seed
+    objs, settings = prepare_tasks(tasks, settings)
     with sandbox.using(settings.code_sandbox) if code_mode else contextlib.nullcontext():
         results = lm_eval.simple_evaluate(
             model=DiffusionLMAdapter(model, tokenizer, settings), tasks=objs, limit=settings.limit,
-            log_samples=settings.log_samples, apply_chat_template=chat, fewshot_as_multiturn=chat,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=settings.fewshot_seed,
+            log_samples=settings.log_samples, **evaluate_options(settings),
             confirm_run_unsafe_code=code_mode is not None, task_manager=TaskManager(include_defaults=False),
         )
     executed = code_tasks(tasks, settings.include_path)
