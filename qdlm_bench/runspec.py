@@ -55,7 +55,8 @@ class RunSpec:
         model = {k: v for k, v in self.model.items() if k not in ("path", "hub_id")}
         model["source"] = (checkpoint_fingerprint(self.model["path"]) if self.model.get("path")
                            else self.model.get("hub_id") or self.model.get("shape"))
-        evals = {k: v for k, v in self.eval.items() if k not in ("data_dir", "include_path", "batch_size", "code_sandbox")}
+        evals = {k: v for k, v in self.eval.items() if k not in (
+            "data_dir", "include_path", "batch_size", "code_sandbox", "progress")}
         evals["task_hashes"] = task_defs.task_hashes(self.tasks, self.settings.data_dir, self.settings.include_path)
         calib = {"calib": self.calib.defining()} if self.calib else {}
         q = self.quant

@@ -189,3 +189,14 @@ def test_wandb_logs_the_record_as_written(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking.WandbLogger, "log_record", lambda self, record: 1 / 0)
     again = pipeline.run(config("method=rtn", "bits=w4a16"), store_root=tmp_path, wandb_cfg=wandb_cfg, force=True)
     assert again["status"] == "failed" and ResultStore(tmp_path).get(again["key"]) == again
+
+
+def test_how_a_run_executes_never_changes_its_record_key():
+    """Batch size, the code sandbox, progress bars and paths decide how, not what: one record."""
+    def key(*overrides):
+        return spec_key(runspec.build(config("tasks=[mini_code]", *overrides)).semantic())
+
+    default = key()
+    for override in ("eval.batch_size=3", "eval.code_sandbox=none", "+eval.progress=true"):
+        assert key(override) == default, override
+    assert key("eval.mc_num=4") != default
