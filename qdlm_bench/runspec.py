@@ -20,6 +20,7 @@ from qdlm_bench.evaluation import tasks as task_defs
 from qdlm_bench.models import layout
 from qdlm_bench.paths import ZOO_DIR
 from qdlm_bench.quant.spec import QuantSpec, QuantSpecError
+from qdlm_bench.store import spec_key
 
 MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer", "mask_token_id",
                 "chat_template", "generation")
@@ -52,19 +53,31 @@ class RunSpec:
     def semantic(self) -> dict:
         """What defines the result (the store key hashes this); devices and paths excluded. Each
         task's definition enters by content (``eval.task_hashes``: YAML, helper code, data files)."""
-        model = {k: v for k, v in self.model.items() if k not in ("path", "hub_id")}
-        model["source"] = (checkpoint_fingerprint(self.model["path"]) if self.model.get("path")
-                           else self.model.get("hub_id") or self.model.get("shape"))
         evals = {k: v for k, v in self.eval.items() if k not in (
             "data_dir", "include_path", "batch_size", "code_sandbox", "progress")}
         evals["task_hashes"] = task_defs.task_hashes(self.tasks, self.settings.data_dir, self.settings.include_path)
+        quantization = self.quantization()
+        return {**{k: quantization[k] for k in ("model", "method", "calib", "quant") if k in quantization},
+                "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed}
+
+    def quantization(self) -> dict:
+        """What defines the quantized model: ``semantic`` without tasks and evaluation (the model's
+        source, method and options, calibration, bits and targets, dtype, seed). Runs sharing it share
+        one quantized model; ``quantization_key`` names it."""
+        model = {k: v for k, v in self.model.items() if k not in ("path", "hub_id")}
+        model["source"] = (checkpoint_fingerprint(self.model["path"]) if self.model.get("path")
+                           else self.model.get("hub_id") or self.model.get("shape"))
         calib = {"calib": self.calib.defining()} if self.calib else {}
         q = self.quant
         quant = {"bits": q.name, "exclude": list(q.exclude), **({"lm_head": True} if q.lm_head else {})}
         if q.a_bits < 16:  # activation options matter only then (weight-only keys unchanged)
             quant.update(act_sym=q.a_sym, act_clip_ratio=q.a_clip_ratio, act_layers=list(q.act_layers))
-        return {"model": model, "method": self.method, **calib, "quant": quant,
-                "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed}
+        return {"model": model, "method": self.method, **calib, "quant": quant, "dtype": self.dtype,
+                "seed": self.seed}
+
+    def quantization_key(self) -> str:
+        """16 hex digits naming the quantized model (``quantization``)."""
+        return spec_key(self.quantization())
 
 
 def resolve_device(device: str) -> str:
