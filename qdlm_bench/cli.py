@@ -24,11 +24,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from qdlm_bench import gpu_pool
 from qdlm_bench.paths import CONF_DIR
 from qdlm_bench.sweep_report import JOB_RECORD, OUTCOME, check_store
 
 log = logging.getLogger("qdlm_bench")
-OmegaConf.register_new_resolver("pid", os.getpid, replace=True)  # output folders: conf/config.yaml
+# output folders (conf/config.yaml); cached, so that a launcher's worker resolves the sweep folder to the
+# launching process's pid, as the config it was given (Hydra copies resolver caches into each job's config)
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("gpu_pool_size", gpu_pool.pool_size, replace=True)  # conf/hydra/launcher/local_gpus.yaml
 GROUPS = ("model", "method", "calib", "eval", "experiment", "dllmquant_ladder")  # conf/ folders
 BASELINE = ("auto", "skip")  # auto: each quantized job of a sweep makes sure its FP baseline record exists
 
@@ -97,6 +101,8 @@ def main() -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> None:
     OUTCOME["composed"] = True
+    if HydraConfig.get().runtime.choices.get("hydra/launcher") == gpu_pool.LAUNCHER:
+        gpu_pool.pin()  # this worker's one GPU, before anything touches CUDA in it
     # imported once Hydra has composed the config: its error report inspects every loaded module,
     # which loads the lazily imported ones (torch)
     from qdlm_bench import runspec

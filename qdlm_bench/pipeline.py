@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 from qdlm_bench import methods
 from qdlm_bench import calibration, evaluation, faults, runspec, tracking
+from qdlm_bench import gpu_pool
 from qdlm_bench.models.factory import load_fp_model
 from qdlm_bench.store import CorruptRecordError, ResultStore, StoreError, baseline_key, new_record, spec_key
 
@@ -122,6 +123,7 @@ def _execute_and_record(spec: runspec.RunSpec, semantic: dict, store: ResultStor
     """Execute the run and write its record; returns the record as read back from its file."""
     timings: dict = {}
     fields = dict(sweep=sweep, device=spec.device, dtype=spec.dtype, seed=spec.seed)
+    fields["host"] = gpu_pool.host()  # where it ran: hostname, pid, visible GPUs, leased GPU, SLURM ids
     with timed(timings, "total_s"):
         try:
             metrics = execute(spec, timings)
