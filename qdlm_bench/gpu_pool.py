@@ -33,6 +33,8 @@ log = logging.getLogger("qdlm_bench")
 LAUNCHER = "local_gpus"  # conf/hydra/launcher/local_gpus.yaml: the launcher choice whose jobs lease a GPU
 LOCK_DIR_ENV = "QDLM_GPU_LOCK_DIR"  # where the lease files live (default: <tmp>/qdlm-bench-gpu-locks, per host)
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+NO_GPUS = ("no GPU in the pool: CUDA_VISIBLE_DEVICES is unset or empty and nvidia-smi lists none; set "
+           "CUDA_VISIBLE_DEVICES=0,1,... to the pool's GPUs")
 
 
 class PoolError(RuntimeError):
@@ -42,9 +44,8 @@ class PoolError(RuntimeError):
 
 @dataclass(frozen=True)
 class Lease:
-    gpu: str               # the id this process leased (an index, a GPU-/MIG- UUID: as CUDA_VISIBLE_DEVICES had it)
-    pool: tuple[str, ...]  # the ids it was leased from
-    fd: int                # the locked lease file, open for the process's lifetime
+    gpu: str  # the id this process leased (an index, a GPU-/MIG- UUID: as CUDA_VISIBLE_DEVICES had it)
+    fd: int   # the locked lease file, open for the process's lifetime
 
 
 LEASE: Lease | None = None  # this process's lease, once taken
@@ -106,6 +107,15 @@ def try_lease(gpu: str) -> int | None:
     return fd
 
 
+def lease_any(ids: list[str]) -> Lease | None:
+    """A lease of the first free id of ``ids``; None when other processes hold them all."""
+    for gpu in ids:
+        fd = try_lease(gpu)
+        if fd is not None:
+            return Lease(gpu=gpu, fd=fd)
+    return None
+
+
 def holders(ids: list[str]) -> dict[str, str]:
     """{id: its holder as written in its lease file} of the ids another process holds now."""
     held = {}
@@ -130,16 +140,15 @@ def pin(wait_s: float = 30.0) -> str:
                             "of the job, before anything touches torch.cuda")
         ids = pool()
         if not ids:
-            raise PoolError("no GPU to lease: CUDA_VISIBLE_DEVICES is empty and nvidia-smi lists none; set "
-                            "CUDA_VISIBLE_DEVICES=0,1,... to the GPUs of the pool")
+            raise PoolError(NO_GPUS)
         deadline = time.monotonic() + wait_s
-        while (leased := next(((g, fd) for g in ids if (fd := try_lease(g)) is not None), None)) is None:
+        while (lease := lease_any(ids)) is None:
             if time.monotonic() >= deadline:
                 raise PoolError(f"no free GPU in the pool {','.join(ids)} (held: {holders(ids)}); run at most one "
                                 f"worker per GPU (hydra.launcher.n_jobs <= {len(ids)}), and no other sweep on "
                                 f"them (lease files in {lock_dir()})")
             time.sleep(1.0)
-        LEASE = Lease(gpu=leased[0], pool=tuple(ids), fd=leased[1])
+        LEASE = lease
         log.info("pid %d leased GPU %s of the pool %s", os.getpid(), LEASE.gpu, ",".join(ids))
     os.environ["CUDA_VISIBLE_DEVICES"] = LEASE.gpu
     return LEASE.gpu
@@ -165,7 +174,7 @@ class CheckGpuPool(Callback):
         held = holders(ids)
         problem = None
         if not ids:
-            problem = "no GPU in the pool: CUDA_VISIBLE_DEVICES is empty and nvidia-smi lists none; set it to 0,1,..."
+            problem = NO_GPUS
         elif not 0 < workers <= len(ids):
             problem = (f"hydra.launcher.n_jobs={workers} workers but {len(ids)} GPU(s) in the pool {','.join(ids)}; "
                        f"use 1 <= n_jobs <= {len(ids)} (one GPU per worker)")

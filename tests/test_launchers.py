@@ -21,13 +21,12 @@ BITS = ("w4a16", "w8a16", "w3a16", "w4a16g64")
 JOBS = [f"bits={','.join(BITS)}", "method=rtn", *FAST, "baseline=skip", "device=cpu"]
 
 
-def cli(tmp_path: Path, *args: str, env: dict | None = None, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
+def cli(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """``qdlm-bench -m *args`` in ``tmp_path`` (store ``results``, leases under ``locks``): its result and wall time."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "QDLM_GPU_LOCK_DIR": str(tmp_path / "locks"), **(env or {})}
-    env = {k: v for k, v in env.items() if v is not None}
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "qdlm_bench.cli", "-m", *args, f"store={tmp_path / 'results'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     return out, time.perf_counter() - start
 
 
@@ -46,6 +45,24 @@ def check_sweep(tmp_path: Path) -> list[dict]:
     assert {r["sweep"] for r in records} == {sweep_dir.name}
     assert (sweep_dir / "report" / "report.md").is_file()
     return records
+
+
+LEASE_SCRIPT = """
+import os, sys
+from qdlm_bench import gpu_pool
+first = gpu_pool.pin(wait_s=0)
+os.environ["CUDA_VISIBLE_DEVICES"] = "0,1"   # a job that widened it: the next pin narrows it again
+print(first, gpu_pool.pin(), os.environ["CUDA_VISIBLE_DEVICES"], gpu_pool.host()["gpu"], flush=True)
+sys.stdin.read()                              # hold the lease until the parent closes stdin
+"""
+
+
+def lease(tmp_path: Path) -> subprocess.Popen:
+    """A process that leases a GPU of the pool 0,1 (at once, or fails), prints what it got and holds it
+    until its stdin closes."""
+    env = {**os.environ, "QDLM_GPU_LOCK_DIR": str(tmp_path / "locks"), "CUDA_VISIBLE_DEVICES": "0,1"}
+    return subprocess.Popen([sys.executable, "-c", LEASE_SCRIPT], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_local_gpu_pool_runs_two_workers_each_on_its_own_gpu(tmp_path):
@@ -97,28 +114,18 @@ def test_slurm_preset_submits_a_one_gpu_per_job_array(tmp_path):
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").glob("*.json"))
 
 
-def test_a_pool_with_fewer_gpus_than_workers_is_refused_before_any_job(tmp_path):
+def test_a_pool_too_small_or_taken_is_refused_before_any_job(tmp_path):
     out, _ = cli(tmp_path, "hydra/launcher=local_gpus", "hydra.launcher.n_jobs=3", *JOBS,
                  env={"CUDA_VISIBLE_DEVICES": "0,1"})
     assert out.returncode == 2
     assert "hydra.launcher.n_jobs=3 workers but 2 GPU(s) in the pool 0,1; use 1 <= n_jobs <= 2" in out.stdout + out.stderr
+    holder = lease(tmp_path)  # another sweep's worker holds GPU 0
+    assert holder.stdout.readline().split()[0] == "0"
+    out, _ = cli(tmp_path, "hydra/launcher=local_gpus", *JOBS, env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    holder.communicate(timeout=60)
+    assert out.returncode == 2
+    assert re.search(r"GPUs of the pool are leased by other processes \{'0': '\S+ pid \d+'\}", out.stdout + out.stderr)
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").glob("*.json"))
-
-
-LEASE_SCRIPT = """
-import os, sys
-from qdlm_bench import gpu_pool
-first = gpu_pool.pin(wait_s=float(sys.argv[1]))
-os.environ["CUDA_VISIBLE_DEVICES"] = "0,1"   # a job that widened it: the next pin narrows it again
-print(first, gpu_pool.pin(), os.environ["CUDA_VISIBLE_DEVICES"], gpu_pool.host()["gpu"], flush=True)
-sys.stdin.read()                              # hold the lease until the parent closes stdin
-"""
-
-
-def lease(tmp_path: Path, wait_s: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "QDLM_GPU_LOCK_DIR": str(tmp_path / "locks"), "CUDA_VISIBLE_DEVICES": "0,1"}
-    return subprocess.Popen([sys.executable, "-c", LEASE_SCRIPT, str(wait_s)], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_leases_are_exclusive_sticky_and_freed_when_the_holder_exits(tmp_path):
