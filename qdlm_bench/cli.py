@@ -27,12 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from qdlm_bench import gpu_pool
 from qdlm_bench.paths import CONF_DIR
 from qdlm_bench.sweep_report import JOB_RECORD, OUTCOME, check_store
+from qdlm_bench.sweeper import job_runs, register_resolvers
 
 log = logging.getLogger("qdlm_bench")
 # output folders (conf/config.yaml); cached, so that a launcher's worker resolves the sweep folder to the
 # launching process's pid, as the config it was given (Hydra copies resolver caches into each job's config)
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("gpu_pool_size", gpu_pool.pool_size, replace=True)  # conf/hydra/launcher/local_gpus.yaml
+register_resolvers()  # ${checkpoint:...} (conf/experiment/qdlm_study.yaml)
 GROUPS = ("model", "method", "calib", "eval", "experiment", "dllmquant_ladder")  # conf/ folders
 BASELINE = ("auto", "skip")  # auto: each quantized job of a sweep makes sure its FP baseline record exists
 
@@ -109,33 +111,40 @@ def run_job(cfg: DictConfig) -> None:
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     plain = OmegaConf.to_container(cfg, resolve=True)
+    records = []
     try:
         check_store(plain, None, {})  # a file or unwritable store: before torch loads
-        spec = runspec.build(plain)
+        parts = job_runs(plain)
+        specs = [runspec.build(part) for part in parts]  # every run checked before the first starts
         if cfg.baseline not in BASELINE:
             raise runspec.ConfigError(f"baseline={cfg.baseline!r}; use one of {', '.join(BASELINE)}")
-        check_store(plain, spec, {})  # a file or unwritable store, an unreadable record at the key
+        for part, spec in zip(parts, specs):
+            check_store(part, spec, {})  # a file or unwritable store, an unreadable record at the key
         from qdlm_bench import pipeline  # torch, lm-eval, transformers: only once the config is valid
 
         run_args = dict(store_root=cfg.store, sweep=sweep_name(cfg),
                         wandb_cfg=plain["wandb"] | {"group": sweep_name(cfg)})
-        if cfg.baseline == "auto" and multirun:
-            pipeline.ensure_baseline(plain, **run_args)
-        record = pipeline.run(plain, force=cfg.force, spec=spec, **run_args)
+        for part, spec in zip(parts, specs):
+            if cfg.baseline == "auto" and multirun:
+                pipeline.ensure_baseline(part, **run_args)
+            records.append(pipeline.run(part, force=cfg.force, spec=spec, **run_args))
     except runspec.ConfigError as err:
         log.error("invalid configuration: %s", err)
         if not multirun:
             sys.exit(2)
         OUTCOME["invalid"].append(str(err))  # the sweep goes on; its exit status will be 2
         return
-    Path(HydraConfig.get().runtime.output_dir, JOB_RECORD).write_text(record["key"])  # for the sweep report
-    summary = ", ".join(f"{task} {m['metric']}={m['value']:.4f}" for task, m in record["metrics"].items())
-    log.info("%s | %s | %s | %s", record["model"], record["method"], record["bits"], summary or record["status"])
-    if record["status"] == "failed":
-        OUTCOME["failed"].append(record["key"])
-        if not multirun:
-            log.error("exit status 1: the run failed; its record (with the traceback): %s",
-                      Path(cfg.store, f"{record['key']}.json"))
+    finally:  # for the sweep report: the key of each record the job ran or found done, one per line
+        if records:
+            Path(HydraConfig.get().runtime.output_dir, JOB_RECORD).write_text("\n".join(r["key"] for r in records))
+    for record in records:
+        summary = ", ".join(f"{task} {m['metric']}={m['value']:.4f}" for task, m in record["metrics"].items())
+        log.info("%s | %s | %s | %s", record["model"], record["method"], record["bits"], summary or record["status"])
+        if record["status"] == "failed":
+            OUTCOME["failed"].append(record["key"])
+            if not multirun:
+                log.error("exit status 1: the run failed; its record (with the traceback): %s",
+                          Path(cfg.store, f"{record['key']}.json"))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ plus the plan's own options, all prefixed ``plan.`` (no Hydra key is named ``pla
   samplers (``measure_throughput``);
 - ``plan.bench=<bench JSON>``: the throughput of ``python -m qdlm_bench.bench sampler`` (its
   ``achieved_tflops``: FLOPs of the batched LLaDA sampler per second) or ``bench forward``
-  (``fp.achieved_tflops``); without either, the plan gives counts and FLOPs and no hours;
+  (``fp.achieved_tflops``), per kind of work where it has ``achieved_tflops_by_kind``; without
+  either, the plan gives counts and FLOPs and no hours;
+- ``plan.tokenizer=byte``: plan models whose files are not here (no ``model.path``: LLaDA/Dream
+  from the hub, offline) with their family's shape preset and the byte tokenizer, a labelled stand-in
+  whose token counts exceed the real BPE tokenizers' (``model_files``): an upper bound;
 - ``plan.out=<file.json>``: also write the plan as JSON; ``plan.json=true`` (or ``--json``):
   print the JSON instead of the table;
 - ``plan.verify=true``: then run the first run's evaluation here (weights loaded, quantized as
@@ -51,7 +55,9 @@ from qdlm_bench.cost import Cost
 
 log = logging.getLogger("qdlm_bench")
 PLAN_PREFIX = "plan."
-OPTIONS = {"throughput": None, "bench": None, "out": None, "json": "false", "verify": "false"}
+OPTIONS = {"throughput": None, "bench": None, "out": None, "json": "false", "verify": "false", "tokenizer": None}
+STAND_INS = ("byte",)  # plan.tokenizer: the stand-in for models whose files are not here
+FAMILY_SHAPES = {"llada": "llada-8b", "dream": "dream-7b"}  # the shape preset of each family's real models
 STATUS_TO_RUN, STATUS_DONE, STATUS_BASELINE = "to run", "in store", "baseline"
 
 
@@ -95,6 +101,13 @@ def bench_throughput(path: str | Path) -> float:
                      "`bench forward` JSON has it)")
 
 
+def bench_rate(path: str | Path) -> Rate:
+    """The ``Rate`` of a bench JSON: ``bench_throughput``, and per kind of work its
+    ``achieved_tflops_by_kind`` when it has one (``{"generate": ..., "loglikelihood": ...}``)."""
+    by_kind = json.loads(Path(path).read_text()).get("achieved_tflops_by_kind") or {}
+    return Rate(bench_throughput(path), f"plan.bench={path}", {k: float(v) for k, v in by_kind.items()})
+
+
 # -------------------------------------------------------------------------------- the model
 
 
@@ -111,14 +124,19 @@ def _hub_folder(hub_id: str) -> Path:
                           f"downloaded ({type(err).__name__}); pass model.path=<a local checkpoint folder>") from None
 
 
-def model_files(model: dict):
+def model_files(model: dict, stand_in: str | None = None):
     """``(DLLMConfig, tokenizer)`` of a validated model preset (``RunSpec.model``), as
-    ``models.factory`` would build them, without loading any weights."""
+    ``models.factory`` would build them, without loading any weights. ``stand_in="byte"``
+    (``plan.tokenizer=byte``): a model without local files (no ``path``, no ``shape``) is planned
+    with its family's shape preset (``FAMILY_SHAPES``) and the byte tokenizer, whose token counts
+    exceed a BPE tokenizer's (about 4x for English text): an upper bound of its cost."""
     from qdlm_bench.models import checkpoint, factory
     from qdlm_bench.models.tokenizer import byte_tokenizer
     from qdlm_bench.runspec import ConfigError
 
     tokenizer = byte_tokenizer() if model.get("tokenizer") == "byte" else None
+    if stand_in == "byte" and not model.get("path") and not model.get("shape"):
+        return factory._fit_vocab(FAMILY_SHAPES[model["family"]], byte_tokenizer()), byte_tokenizer()
     if model.get("path") or not model.get("shape"):
         folder = Path(model["path"]).expanduser() if model.get("path") else _hub_folder(model["hub_id"])
         cfg = checkpoint.config_from_hf(json.loads((folder / "config.json").read_text()), model["family"])
@@ -164,6 +182,7 @@ class RunPlan:
     calibration: Cost | None = None
     calib_tokens: int = 0
     spec: object = field(default=None, repr=False)  # its RunSpec
+    stand_in: str | None = None  # plan.tokenizer: planned with a stand-in shape and tokenizer (model_files)
 
     @property
     def runs(self) -> bool:
@@ -171,12 +190,12 @@ class RunPlan:
         return self.status in (STATUS_TO_RUN, STATUS_BASELINE)
 
 
-def plan_tasks(spec, progress=None) -> list[TaskPlan]:
+def plan_tasks(spec, progress=None, stand_in: str | None = None) -> list[TaskPlan]:
     """Per task of ``spec`` (a RunSpec): examples after ``limit``, requests and their cost."""
     from qdlm_bench import cost
     from qdlm_bench.evaluation import requests as eval_requests
 
-    cfg, tokenizer = model_files(spec.model)
+    cfg, tokenizer = model_files(spec.model, stand_in)
     objs, settings = eval_requests.prepare_tasks(spec.tasks, spec.settings)
     lm = planning_lm(cfg, tokenizer, settings)
     by_task = eval_requests.build_requests(objs, settings, lm, progress=progress)
@@ -185,13 +204,13 @@ def plan_tasks(spec, progress=None) -> list[TaskPlan]:
             for task, reqs in by_task.items()]
 
 
-def calibration_cost(spec) -> tuple[Cost, int] | None:
+def calibration_cost(spec, stand_in: str | None = None) -> tuple[Cost, int] | None:
     """One forward pass of the run's calibration set through the blocks (no LM head)."""
     if spec.calib is None:
         return None
     from qdlm_bench.cost import row_flops
 
-    cfg, _ = model_files(spec.model)
+    cfg, _ = model_files(spec.model, stand_in)
     n, seqlen = spec.calib.n_samples, spec.calib.seqlen
     return Cost(passes=0, tokens=n * seqlen, rows=n, flops=n * row_flops(cfg, seqlen, 0)), n * seqlen
 
@@ -201,8 +220,9 @@ def _eval_key(spec) -> str:
     return json.dumps([spec.model, spec.eval, spec.tasks, spec.seed], sort_keys=True, default=str)
 
 
-def make_plan(overrides: list[str], multirun: bool, progress=None) -> list[RunPlan]:
-    """Every run of the command line (and the FP baselines ``baseline=auto`` adds), planned."""
+def make_plan(overrides: list[str], multirun: bool, progress=None, stand_in: str | None = None) -> list[RunPlan]:
+    """Every run of the command line (and the FP baselines ``baseline=auto`` adds), planned;
+    ``stand_in``: ``model_files``'s."""
     from qdlm_bench import runspec, sweep_jobs
     from qdlm_bench.store import ResultStore, baseline_key, spec_key
 
@@ -241,13 +261,14 @@ def make_plan(overrides: list[str], multirun: bool, progress=None) -> list[RunPl
             if spec.method["name"] == "fp":
                 fp_planned.add(base)
             run = RunPlan(job_num, job_overrides, spec.model["name"], spec.method["name"], spec.quant.name,
-                          key, status, artifact=has_artifact(spec), spec=spec)
+                          key, status, artifact=has_artifact(spec), spec=spec, stand_in=stand_in)
             ek = _eval_key(spec)
             if ek not in eval_cache:
                 name = spec.model["name"]
-                eval_cache[ek] = plan_tasks(spec, lambda t, name=name: say(f"building requests: {name} / {t}"))
+                eval_cache[ek] = plan_tasks(spec, lambda t, name=name: say(f"building requests: {name} / {t}"),
+                                            stand_in)
             run.tasks = eval_cache[ek]
-            calib = None if run.artifact else calibration_cost(spec)
+            calib = None if run.artifact else calibration_cost(spec, stand_in)
             if calib:
                 run.calibration, run.calib_tokens = calib
             runs.append(run)
@@ -357,7 +378,7 @@ def measure_throughput(runs: list[RunPlan], progress=None) -> Rate:
 
     run = next((r for r in runs if r.runs), runs[0])
     spec = run.spec
-    cfg, _ = model_files(spec.model)
+    cfg, _ = model_files(spec.model, run.stand_in)
     model = random_model(cfg, dtype=getattr(torch, spec.dtype), device=spec.device, seed=0).eval()
     flops_of, seconds_of, warm = {}, {}, True
     for t in run.tasks:
@@ -475,7 +496,8 @@ def as_json(runs: list[RunPlan], rate: Rate | None) -> dict:
         out.append({"job": r.job, "overrides": r.overrides, "model": r.model, "method": r.method, "bits": r.bits,
                     "key": r.key, "status": r.status, "artifact": r.artifact, "tasks": tasks,
                     "calibration_one_pass": calib})
-    return {"throughput_tflops": rate and rate.tflops, "throughput_by_kind": rate and rate.by_kind,
+    return {"stand_in": next((r.stand_in for r in runs if r.stand_in), None),
+            "throughput_tflops": rate and rate.tflops, "throughput_by_kind": rate and rate.by_kind,
             "throughput_source": rate and rate.source, "runs": out,
             "to_run": totals(runs, rate, True), "all": totals(runs, rate, False)}
 
@@ -517,6 +539,10 @@ def table(runs: list[RunPlan], rate: Rate | None) -> str:
         out.append("no time: give plan.throughput=<TFLOP/s>, plan.throughput=measure or plan.bench=<bench JSON>")
     if any(t.cost.approx for r in runs for t in r.tasks):
         out.append("*: an upper bound (Dream's alg=origin draws how many steps run)")
+    if any(r.stand_in for r in runs):
+        out.append(f"plan.tokenizer={runs[0].stand_in}: models without local files are planned with their family's "
+                   "shape preset and the byte tokenizer, whose token counts exceed the models' BPE tokenizers' "
+                   "(about 4x on English text): tokens, FLOPs and time are upper bounds")
     if any(r.calibration for r in runs):
         out.append("calibration: one pass of the calibration set through the blocks; the methods' own "
                    "quantization work (GPTQ, AWQ, TMAS...) is not included")
@@ -532,14 +558,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes, not the plan's business
     progress = lambda msg: print(f"plan: {msg}", file=sys.stderr, flush=True)
     start = time.perf_counter()
+    if opts["tokenizer"] not in (None, *STAND_INS):
+        raise SystemExit(f"plan.tokenizer={opts['tokenizer']!r}; the stand-in tokenizers: {', '.join(STAND_INS)}")
     try:
-        runs = make_plan(overrides, multirun, progress)
+        runs = make_plan(overrides, multirun, progress, opts["tokenizer"])
     except (ConfigError, HydraException) as err:
         print(f"invalid configuration: {err}", file=sys.stderr)
         return 2
     rate = None
     if opts["bench"]:
-        rate = Rate(bench_throughput(opts["bench"]), f"plan.bench={opts['bench']}")
+        rate = bench_rate(opts["bench"])
     if opts["throughput"] == "measure":
         rate = measure_throughput(runs, progress)
     elif opts["throughput"]:

@@ -14,6 +14,12 @@ Sign convention: drop % is the relative degradation of avg against the FP record
 baseline, so positive = worse: (fp - q) / fp for accuracy-like metrics, the relative increase
 (q - fp) / fp for perplexity-like ones. An average is missing (—) when one of its tasks is.
 
+Jobs per task (``shard=task``): where a model's records of one evaluation hold different task
+lists, the records of each setting (the spec without its tasks) merge into one row: the latest
+record (``created``) of each task fills its cells; a task of the table that no record of the
+setting holds is "—", named under the table and in a "Missing" section (``merge_task_records``).
+Where they all hold one task list (a store without per-task jobs), tables are as before.
+
 The best value of each column among the finished quantized runs of one bit setting is bold.
 Failed runs keep their row and error (a numerical fault as ``failed: <kind> at <layer>``). Record
 files that cannot be read are skipped and listed after the report with their reasons. A (method, bits) that another table of the same tasks and
@@ -47,7 +53,7 @@ from qdlm_bench.study import AVG, DROP, model_variant, relative_drop, variant_pa
 from qdlm_bench.tracking import MODES, WandbLogger
 
 META = ("key", "baseline_key", "setting", "setting_text", "spec_tasks", "model", "method", "bits",
-        "precision", "sweep", "status", "error", "fault", "created", "quant_setup")
+        "precision", "sweep", "status", "error", "fault", "created", "quant_setup", "spec", "missing_tasks")
 STDERR, METRIC = ":stderr", ":metric"  # suffixes of a task's stderr / metric-name columns
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 CATEGORIES = {
@@ -129,6 +135,7 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
         setting = _setting(record.get("spec") or {})
         row.update(setting=spec_key(setting), setting_text=_setting_text(setting),
                    spec_tasks=tuple(setting["tasks"] or ()), error=error_summary(record.get("error")),
+                   spec=record.get("spec") or {}, missing_tasks=(),
                    quant_setup=_flat({k: (record.get("spec") or {}).get(k) for k in ("method", "calib", "quant")}))
         if row["method"] == "fp":
             row["bits"] = "fp"
@@ -141,6 +148,53 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
         for col in (task, task + STDERR):
             frame[col] = pd.to_numeric(frame[col], errors="coerce")  # lm-eval writes "N/A" stderr
     return frame
+
+
+def _without_tasks(spec: dict) -> dict:
+    """``spec`` without what names its tasks (``tasks``, ``eval.task_hashes``)."""
+    evals = {k: v for k, v in (spec.get("eval") or {}).items() if k != "task_hashes"}
+    return {**{k: v for k, v in spec.items() if k != "tasks"}, "eval": evals}
+
+
+def merge_task_records(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting where a model's records of one evaluation hold different task lists
+    (``shard=task``: a record per task). Records are grouped by model and evaluation without tasks;
+    a group whose records all hold one task list is left as it is. Otherwise each setting (the spec
+    without its tasks) becomes one row: per task, the latest record (``created``) holding it gives
+    its value, stderr and metric (and a failed status with its error); ``spec_tasks`` is the
+    group's union of tasks and ``missing_tasks`` those no record of the setting holds, in order."""
+    if frame.empty:
+        return frame
+    plain = frame["spec"].map(_without_tasks)
+    groups = plain.map(lambda s: spec_key({k: s.get(k) for k in ("model", "eval", "dtype", "seed")}))
+    parts = []
+    for group_key, group in frame.groupby(groups, sort=False):
+        if group["spec_tasks"].nunique() <= 1:
+            parts.append(group)
+            continue
+        tasks = list(dict.fromkeys(t for ts in group["spec_tasks"] for t in ts))
+        order = group["created"].astype(str).sort_values(kind="stable").index
+        for _, same in group.loc[order].groupby(plain.loc[order].map(spec_key), sort=False):
+            parts.append(_merged_row(same, tasks, group_key))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _merged_row(records: pd.DataFrame, tasks: list[str], group_key: str) -> pd.DataFrame:
+    """``merge_task_records``'s row of one setting's records (oldest first)."""
+    row = records.iloc[-1].copy()
+    latest = {t: records[records["spec_tasks"].map(lambda ts: t in ts)] for t in tasks}
+    latest = {t: holders.iloc[-1] for t, holders in latest.items() if len(holders)}
+    for t in tasks:
+        for col in (t, t + STDERR, t + METRIC):
+            row[col] = latest[t].get(col) if t in latest else math.nan
+    failed = [r for r in latest.values() if r["status"] == "failed"]
+    if failed:
+        row["status"], row["error"], row["fault"] = "failed", failed[-1]["error"], failed[-1]["fault"]
+    setting = _setting(_without_tasks(row["spec"])) | {"tasks": tasks}
+    row["setting"], row["setting_text"] = spec_key(setting), _setting_text(setting)
+    row["baseline_key"], row["spec_tasks"] = group_key, tuple(tasks)
+    row["missing_tasks"] = tuple(t for t in tasks if t not in latest)
+    return row.to_frame().T
 
 
 def task_columns(frame: pd.DataFrame) -> list[str]:
@@ -242,6 +296,11 @@ def study_table(rows: pd.DataFrame, expected: Mapping[tuple[str, str], dict] | N
     for status, what in ((MISSING_RUN, "missing runs (no record)"), ("failed", "failed runs")):
         if hit := [lbl for lbl, s in zip(labels, rows["status"]) if s == status]:
             notes.append(f"{what}: {'; '.join(hit)}")
+    missing = {lbl: list(ts) for lbl, ts in zip(labels, rows.get("missing_tasks", [()] * len(rows)))
+               if isinstance(ts, tuple) and ts}
+    if missing:
+        notes.append("missing tasks (no record; the latest record of each task fills a row): "
+                     + "; ".join(f"{lbl}: {', '.join(ts)}" for lbl, ts in missing.items()))
     for label in [lbl for lbl, n in Counter(labels).items() if n > 1]:
         setups = [rows["quant_setup"].iat[i] for i, lbl in enumerate(labels) if lbl == label]
         notes.append(f"several records for {label}, in row order: {_differences(setups)}")
@@ -252,7 +311,7 @@ def study_table(rows: pd.DataFrame, expected: Mapping[tuple[str, str], dict] | N
         "decimals": {**{t: 1 if percent[t] else 2 for t in tasks},
                      **{c: 1 if all(percent[t] for t in ts) else 2 for c, ts in categories.items()},
                      AVG: 1 if all(percent[t] for t in avg_tasks) else 2, DROP: 1},
-        "best": best, "precision": dict(zip(rows["bits"], rows["precision"])),
+        "best": best, "precision": dict(zip(rows["bits"], rows["precision"])), "missing": missing,
     }
     return table
 
@@ -269,7 +328,7 @@ def _name_tables(tables: list[pd.DataFrame], names: list[str]) -> list[pd.DataFr
 def study_tables(frame: pd.DataFrame) -> list[pd.DataFrame]:
     """The study table of every model and baseline in ``frame`` (by model name, then age). Each
     table's rows are the (method, bits) of every table of the same setting: absent = missing."""
-    frame = frame[frame["model"].notna()]
+    frame = merge_task_records(frame[frame["model"].notna()])
     expected: dict[str, dict] = {}
     for setting, method, bits, precision in zip(frame["setting"], frame["method"], frame["bits"],
                                                 frame["precision"]):
@@ -384,7 +443,16 @@ def with_baselines(records: list[dict], store: ResultStore) -> list[dict]:
 def render(tables: list[pd.DataFrame], found: list) -> str:
     """The whole report as markdown: every table under its title, then the findings."""
     parts = [f"## {t.attrs['title']}\n\n{to_markdown(t)}\n" for t in tables]
-    return "\n".join(parts + [findings.to_markdown(found)])
+    return "\n".join(parts + missing_section(tables) + [findings.to_markdown(found)])
+
+
+def missing_section(tables: list[pd.DataFrame]) -> list[str]:
+    """The "Missing" section: per table, each setting's tasks that no record holds yet (none: [])."""
+    lines = [f"- {t.attrs['title']} | {label}: {', '.join(tasks)}"
+             for t in tables for label, tasks in t.attrs.get("missing", {}).items()]
+    if not lines:
+        return []
+    return [f"## Missing\n\nTasks without a record (the table shows {MISSING}):\n\n" + "\n".join(lines) + "\n"]
 
 
 def make_report(records: list[dict], out: Path, formats: Iterable[str] = tuple(FORMATS), suffix: str = "",

@@ -5,9 +5,9 @@ override grammar, sweeper expansion and composition over the packaged configs (`
     cfgs = [compose(job) for job in jobs]                       # resolved plain dicts, as cli.main sees
 
 ``expand`` does what ``hydra.main`` does with ``-m``: compose the master config in MULTIRUN mode,
-take the sweeper's ``hydra.sweeper.params`` (an experiment's sweep lists) followed by the command
-line's task overrides, parse them with Hydra's ``OverridesParser`` and expand them with
-``BasicSweeper.split_arguments`` (the cartesian product, in Hydra's job order). Without
+take the sweeper's ``hydra.sweeper.params`` and ``grids`` (an experiment's sweep lists) followed by
+the command line's task overrides and expand them as the sweeper does (``sweeper.expand``: Hydra's
+cartesian product per grid, in Hydra's job order; ``shard=task`` jobs split per task). Without
 ``multirun`` the command line is one job, composed as a plain run (a sweep value is then Hydra's
 error, as ``run.py`` without ``-m``). ``compose`` builds one job's config as the launcher does
 (``load_sweep_config``: the command line's ``hydra.*`` overrides plus the job's), minus the
@@ -34,6 +34,9 @@ def _hydra():
 
     if not OmegaConf.has_resolver("pid"):  # conf/config.yaml's output folders (as cli.py registers it)
         OmegaConf.register_new_resolver("pid", os.getpid)
+    from qdlm_bench.sweeper import register_resolvers
+
+    register_resolvers()
     saved = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     if saved:
         GlobalHydra.instance().clear()
@@ -47,22 +50,19 @@ def _hydra():
 
 def expand(overrides: list[str], multirun: bool = True) -> list[list[str]]:
     """The override list of every job of ``overrides`` (a command line's, without ``-m``), in the
-    order Hydra's basic sweeper launches them; one job when not ``multirun``."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    order the sweeper launches them (``sweeper.expand``: grids, ``shard=task``); when not ``multirun``
+    one job, or with ``shard=task`` its tasks' runs, in the order the run makes them."""
     from hydra.types import RunMode
+
+    from qdlm_bench import sweeper
 
     with _hydra() as hydra:
         mode = RunMode.MULTIRUN if multirun else RunMode.RUN
         master = hydra.compose_config(CONFIG_NAME, list(overrides), run_mode=mode, with_log_configuration=False)
         task = list(OmegaConf.to_container(master.hydra.overrides.task, resolve=False))
-        if not multirun:
-            return [task]
-        params = master.hydra.sweeper.get("params")
-        params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
-        arguments = [f"{k}={v}" for k, v in params.items()] + task
-        parsed = OverridesParser.create(config_loader=hydra.config_loader).parse_overrides(arguments)
-        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        if not multirun:  # one run; with shard=task its tasks run one after another (cli.run_job)
+            return sweeper.shard([task], master, hydra.config_loader)
+        return sweeper.expand(master, hydra.config_loader, task)
 
 
 def hydra_overrides(overrides: list[str]) -> list[str]:

@@ -19,40 +19,36 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from qdlm_bench.paths import CONF_DIR
+from qdlm_bench import sweeper
 from qdlm_bench.store import CorruptRecordError, ResultStore
 from qdlm_bench.tracking import WandbLogger
 
-JOB_RECORD = "record.key"  # in each job's output folder: the key of the record the job ran or skipped to
+JOB_RECORD = "record.key"  # in each job's output folder: the keys of the records the job ran or skipped to
 log = logging.getLogger("qdlm_bench")
 # what the command's exit status reports (cli.main): Hydra composed a config (so a Hydra exit 1 after it
 # is no configuration error), the keys of failed records, jobs whose configuration was invalid
 OUTCOME: dict = {"composed": False, "failed": [], "invalid": []}
 
 
-def job_overrides(config: DictConfig) -> list[list[str]]:
-    """The override lists of a sweep's jobs, in Hydra's order: what BasicSweeper expands
-    (``hydra.sweeper.params``, then the command line's task overrides)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+def job_overrides(config: DictConfig, cache: dict | None = None) -> list[list[str]]:
+    """The override lists of a sweep's jobs, in launch order (``sweeper.expand``: the sweep lists
+    of ``hydra.sweeper``, then the command line's task overrides; ``shard=task`` jobs split)."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
-    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(params + task), None)
-    return [list(job) for batch in batches for job in batch]
+    return sweeper.expand(config, GlobalHydra.instance().config_loader(), task, cache)
 
 
 def check_job(plain: dict, stores: dict) -> None:
-    """One job's configuration as its run will check it (``runspec.build``, ``baseline``), plus
-    its store (``check_store``). Raises ``runspec.ConfigError``."""
+    """One job's configuration as its run will check it (``shard``; ``runspec.build`` and ``baseline``
+    of each of its runs), plus its store (``check_store``). Raises ``runspec.ConfigError``."""
     from qdlm_bench import runspec
 
-    spec = runspec.build(plain)
-    if plain.get("baseline") not in ("auto", "skip"):
-        raise runspec.ConfigError(f"baseline={plain.get('baseline')!r}; use one of auto, skip")
-    check_store(plain, spec, stores)
+    for part in sweeper.job_runs(plain):
+        spec = runspec.build(part)
+        if part.get("baseline") not in ("auto", "skip"):
+            raise runspec.ConfigError(f"baseline={part.get('baseline')!r}; use one of auto, skip")
+        check_store(part, spec, stores)
 
 
 def check_store(plain: dict, spec, stores: dict) -> None:
@@ -85,30 +81,6 @@ def check_store(plain: dict, spec, stores: dict) -> None:
             raise runspec.ConfigError(str(err)) from None
 
 
-def compose_job(loader, config: DictConfig, overrides: list[str], cache: dict) -> DictConfig:
-    """A job's config as the launcher composes it (``load_sweep_config``), the defaults list composed
-    once per distinct set of config-group choices (``cache``) and the job's value overrides then
-    applied to a copy, as Hydra applies them after composing the defaults."""
-    import copy
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
-        apply = ConfigLoaderImpl._apply_overrides_to_config
-    except (ImportError, AttributeError):  # another Hydra: compose each job whole
-        return loader.load_sweep_config(config, list(overrides))
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    is_group = [o.key_or_group.split("/")[0] in groups | {"hydra"} or o.package is not None for o in parsed]
-    key = tuple(o.input_line for o, g in zip(parsed, is_group) if g)
-    if key not in cache:
-        cache[key] = loader.load_sweep_config(config, list(key))
-    job = copy.deepcopy(cache[key])
-    apply([o for o, g in zip(parsed, is_group) if not g], job)
-    return job
-
-
 def validate_jobs(config: DictConfig) -> list[tuple[int, list[str], str]]:
     """``(job number, overrides, reason)`` of every job of the sweep whose configuration is invalid.
     Each job is composed as the launcher composes it; identical resolved configs are checked once."""
@@ -120,9 +92,9 @@ def validate_jobs(config: DictConfig) -> list[tuple[int, list[str], str]]:
 
     loader = GlobalHydra.instance().config_loader()
     bad, seen, stores, composed = [], {}, {}, {}
-    for num, overrides in enumerate(job_overrides(config)):
+    for num, overrides in enumerate(job_overrides(config, composed)):
         try:
-            job = compose_job(loader, config, overrides, composed)
+            job = sweeper.compose_job(loader, config, overrides, composed)
             with_hydra = OmegaConf.to_container(job, resolve=False)
             with_hydra.pop("hydra", None)
             plain = OmegaConf.to_container(OmegaConf.create(with_hydra), resolve=True)
@@ -141,9 +113,14 @@ def validate_jobs(config: DictConfig) -> list[tuple[int, list[str], str]]:
     return bad
 
 
+def job_keys(sweep_dir: Path) -> list[str]:
+    """The record keys the sweep's jobs left (``JOB_RECORD``: one per line, one per run of a job)."""
+    return [key for p in sorted(sweep_dir.glob(f"*/{JOB_RECORD}")) for key in p.read_text().split()]
+
+
 def sweep_records(store: ResultStore, sweep_dir: Path, name: str) -> list[dict]:
     """The records of a sweep's jobs and the records stamped with its name, each once."""
-    keys = [p.read_text().strip() for p in sorted(sweep_dir.glob(f"*/{JOB_RECORD}"))]
+    keys = job_keys(sweep_dir)
     found = {r["key"]: r for r in store.records(sweep=name)}
     for key in keys:
         if key in found:
@@ -160,9 +137,9 @@ def sweep_records(store: ResultStore, sweep_dir: Path, name: str) -> list[dict]:
 def failed_jobs(store: ResultStore, sweep_dir: Path) -> list[dict]:
     """The failed records the sweep's jobs ran (each job's ``JOB_RECORD``)."""
     failed = []
-    for path in sorted(sweep_dir.glob(f"*/{JOB_RECORD}")):
+    for key in job_keys(sweep_dir):
         try:
-            record = store.get(path.read_text().strip())
+            record = store.get(key)
         except CorruptRecordError:  # an unreadable record: not this sweep's to judge
             continue
         if record is not None and record.get("status") == "failed":
