@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import asdict
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,31 @@ def argmax_except(scores: torch.Tensor, token: int) -> torch.Tensor:
 
 def _no_step(step: int, x: torch.Tensor) -> None:
     """The default ``on_step`` of ``generate``."""
+
+
+class BatchCache(Protocol):
+    """Where finished batches persist (``evaluation.request_cache.TaskCache``): a batch's output,
+    stored under the key of its ``kind`` and input ``content``, is read back instead of computed."""
+
+    def key(self, kind: str, content: tuple) -> str: ...
+
+    def get(self, key: str): ...
+
+    def put(self, key: str, value) -> None: ...
+
+
+def cached_batch(cache: BatchCache | None, kind: str, content: tuple, compute: Callable[[], object]):
+    """``(compute(), True)``, or ``(value, False)`` when ``cache`` holds this batch's value (stored
+    there by the call that computed it). ``content`` is keyed before ``compute`` runs."""
+    if cache is None:
+        return compute(), True
+    key = cache.key(kind, content)
+    value = cache.get(key)
+    if value is not None:
+        return value, False
+    value = compute()
+    cache.put(key, value)
+    return value, True
 
 
 def chunks(seq: list, size: int):
@@ -258,6 +285,7 @@ def generate(
     generator: torch.Generator | None = None,
     progress: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    cache: BatchCache | None = None,
 ) -> list[list[int]]:
     """Generate ``cfg.gen_length`` tokens after each prompt; returns only those, in prompt order.
 
@@ -267,9 +295,15 @@ def generate(
     each step that ran the model, with the step's index (0 .. cfg.steps - 1) and the batch
     being sampled, ``x`` [B, L] (prompts in batch order, left-padded; the generated tokens are
     ``x[:, -cfg.gen_length:]``, masks where still undecided).
+
+    ``cache``: a batch found there (same sampler, settings, padded input and ``generator`` state
+    before it) is not sampled: its tokens and the generator state after it are restored, so the
+    later batches draw what they would have (``on_step`` is not called for it). Needs ``generator``.
     """
     sampler = cfg.sampler or model.config.family
     check_generation(cfg, sampler, prompts)
+    if cache is not None and generator is None:
+        raise ValueError("generate with a cache needs an explicit generator (its state is part of a batch's key)")
     device, mask_id, pad_id = model.device, model.config.mask_token_id, pad_token_id(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
@@ -280,10 +314,25 @@ def generate(
             x, attn = pad_rows(rows, pad_id, left=True)
             x, attn = x.to(device), None if attn is None else attn.to(device)
             gen_start = x.shape[1] - cfg.gen_length
-            _SAMPLERS[sampler](model, x, attn, gen_start, cfg, generator, bar, on_step or _no_step)
-            for i, row in zip(idx, x[:, gen_start:].tolist()):
+
+            def sample(x=x, attn=attn, gen_start=gen_start):
+                _SAMPLERS[sampler](model, x, attn, gen_start, cfg, generator, bar, on_step or _no_step)
+                return {"tokens": x[:, gen_start:].tolist(), "rng": None if cache is None else rng_state(generator)}
+
+            content = (sampler, asdict(cfg), x, attn, None if cache is None else rng_state(generator))
+            value, computed = cached_batch(cache, "generate", content, sample)
+            if not computed:
+                generator.set_state(torch.frombuffer(bytearray.fromhex(value["rng"]), dtype=torch.uint8))
+                bar.update(cfg.steps)
+            for i, row in zip(idx, value["tokens"]):
                 out[i] = row
     return out
+
+
+def rng_state(generator: torch.Generator) -> str:
+    """``generator``'s state as hex (``set_state(torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8))``
+    restores it)."""
+    return generator.get_state().numpy().tobytes().hex()
 
 
 # ------------------------------------------------------------------------------- likelihood
@@ -354,13 +403,15 @@ def loglikelihood(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    cache: BatchCache | None = None,
 ) -> list[float]:
     """Monte-Carlo ELBO estimate of log p(target | prefix) for each (prefix, target).
 
     Each request draws ``mc_num`` masks of its target (the prefix is never masked) from a
     generator seeded by ``request_seed(seed, prefix, target)``, so a request's estimate does
     not depend on the other requests, their order, or ``batch_size``. Samples of several
-    requests share forward passes of ``batch_size`` rows (right-padded, pads hidden).
+    requests share forward passes of ``batch_size`` rows (right-padded, pads hidden). A batch
+    found in ``cache`` (same rows and masks) is not computed: its stored losses are read back.
     """
     if mc_num < 1 or batch_size < 1:
         raise ValueError(f"mc_num and batch_size must be >= 1, got {mc_num}, {batch_size}")
@@ -374,13 +425,16 @@ def loglikelihood(
     for batch in tqdm(_batched(rows, batch_size), total=n_batches, disable=not progress, desc="loglik"):
         idx, seqs, masks = zip(*batch)
         n_targets = [len(requests[i][1]) for i in idx]
-        for i, loss in zip(idx, _elbo_losses(model, seqs, masks, n_targets).tolist()):
+        losses, _ = cached_batch(cache, "elbo", (seqs, masks, n_targets),
+                                 lambda: _elbo_losses(model, seqs, masks, n_targets).tolist())
+        for i, loss in zip(idx, losses):
             totals[i] += loss
     return [-t / mc_num for t in totals]
 
 
 def rolling_loglikelihood(
-    model, tokens: list[int], *, max_length: int, mc_num: int = 32, batch_size: int = 32, seed: int = 0
+    model, tokens: list[int], *, max_length: int, mc_num: int = 32, batch_size: int = 32, seed: int = 0,
+    cache: BatchCache | None = None,
 ) -> float:
     """Lower bound of log p(tokens): sum of the ELBOs of non-overlapping windows of ``max_length``.
 
@@ -392,4 +446,4 @@ def rolling_loglikelihood(
     if not tokens:
         return 0.0
     windows = [([], tokens[i : i + max_length]) for i in range(0, len(tokens), max_length)]
-    return sum(loglikelihood(model, windows, mc_num=mc_num, batch_size=batch_size, seed=seed))
+    return sum(loglikelihood(model, windows, mc_num=mc_num, batch_size=batch_size, seed=seed, cache=cache))

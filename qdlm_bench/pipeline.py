@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 from qdlm_bench import methods
 from qdlm_bench import calibration, evaluation, faults, runspec, tracking
+from qdlm_bench.evaluation import request_cache
 from qdlm_bench import gpu_pool
 from qdlm_bench.models.factory import load_fp_model
 from qdlm_bench.store import CorruptRecordError, ResultStore, StoreError, baseline_key, new_record, spec_key
@@ -53,14 +54,15 @@ def quantize(spec: runspec.RunSpec, model, tokenizer, timings: dict | None = Non
     return info
 
 
-def execute(spec: runspec.RunSpec, timings: dict) -> dict:
-    """Load, quantize and evaluate; returns the per-task metrics."""
+def execute(spec: runspec.RunSpec, timings: dict, store_root: str = "results") -> dict:
+    """Load, quantize and evaluate; returns the per-task metrics. Finished evaluation batches persist
+    under ``store_root`` (``evaluation.request_cache``) unless ``eval.request_cache`` is off."""
     with timed(timings, "load_s"):
         model, tokenizer = load_fp_model(spec.model, spec.dtype, spec.device, spec.seed)
     quantize(spec, model, tokenizer, timings)
     log.info("evaluating %s", ", ".join(spec.tasks))
     with timed(timings, "evaluate_s"):
-        return evaluation.run(model, tokenizer, spec.tasks, spec.settings)
+        return evaluation.run(model, tokenizer, spec.tasks, spec.settings, request_cache.for_run(spec, store_root))
 
 
 def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str | None = None,
@@ -126,7 +128,7 @@ def _execute_and_record(spec: runspec.RunSpec, semantic: dict, store: ResultStor
     fields["host"] = gpu_pool.host()  # where it ran: hostname, pid, visible GPUs, leased GPU, SLURM ids
     with timed(timings, "total_s"):
         try:
-            metrics = execute(spec, timings)
+            metrics = execute(spec, timings, store.root)
             status, error, fault = "done", None, None
         except Exception as exc:  # recorded, so that a sweep goes on
             metrics, status, error = {}, "failed", traceback.format_exc()

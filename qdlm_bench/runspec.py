@@ -54,7 +54,7 @@ class RunSpec:
         """What defines the result (the store key hashes this); devices and paths excluded. Each
         task's definition enters by content (``eval.task_hashes``: YAML, helper code, data files)."""
         evals = {k: v for k, v in self.eval.items() if k not in (
-            "data_dir", "include_path", "batch_size", "code_sandbox", "progress")}
+            "data_dir", "include_path", "batch_size", "code_sandbox", "progress", "request_cache")}
         evals["task_hashes"] = task_defs.task_hashes(self.tasks, self.settings.data_dir, self.settings.include_path)
         quantization = self.quantization()
         return {**{k: quantization[k] for k in ("model", "method", "calib", "quant") if k in quantization},

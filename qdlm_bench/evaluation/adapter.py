@@ -21,6 +21,11 @@ bar over its requests (done/total, ETA; fed by the sampler's ``on_step``, which 
 rolling likelihoods one over their requests, and likelihoods the sampler's own bar over its batches;
 each task's request count is logged. None of this changes a number.
 
+Request cache (``request_cache``): given one, every batch of every task is read from it when
+stored there and stored as it completes, so a killed run resumes inside a task with bit-equal
+metrics; each task logs how many batches it served. ``is_greedy`` then decodes with a seeded
+generator (its greedy settings draw no random number, so no token changes).
+
 Requests are grouped by ``Instance.task_name`` so that each task gets its own settings
 (``EvalSettings.for_task``). Prompts longer than ``max_length`` (default: the model's
 ``max_seq_len``) lose their oldest tokens, as lm-eval's HF model does.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections import defaultdict
+from contextlib import ExitStack
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +45,7 @@ from lm_eval.api.registry import register_model
 
 from qdlm_bench import diffusion
 
+from .request_cache import RequestCache, task_cache
 from .settings import EvalSettings
 
 log = logging.getLogger(__name__)
@@ -46,12 +53,15 @@ log = logging.getLogger(__name__)
 
 @register_model("qdlm")
 class DiffusionLMAdapter(LM):
-    """An lm-eval ``LM`` around ``model`` (DiffusionLM) and its Hugging Face tokenizer."""
+    """An lm-eval ``LM`` around ``model`` (DiffusionLM) and its Hugging Face tokenizer; finished
+    batches persist in ``request_cache`` when given."""
 
-    def __init__(self, model, tokenizer, settings: EvalSettings | None = None):
+    def __init__(self, model, tokenizer, settings: EvalSettings | None = None,
+                 request_cache: RequestCache | None = None):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or EvalSettings()
+        self.request_cache = request_cache
         self._device = model.device
         self._stop_ids = set(tokenizer.all_special_ids) | {model.config.eos_token_id, model.config.mask_token_id}
 
@@ -95,39 +105,47 @@ class DiffusionLMAdapter(LM):
             pairs = [(p[max(0, len(p) + len(t) - limit) :], t) for p, t in pairs]
             mc_num = self.settings.for_task(task)["mc_num"]
             log.info("%s: %d loglikelihood requests x %d Monte-Carlo samples", task, len(idx), mc_num)
-            lls = diffusion.loglikelihood(
-                self.model, pairs, mc_num=mc_num,
-                batch_size=self.settings.batch_size, seed=self.settings.seed, progress=self.progress)
-            check = [j for j, i in enumerate(idx) if reads_greedy[i]]
-            greedy = dict(zip(check, self.is_greedy([pairs[j] for j in check])))
+            with task_cache(self.request_cache, task) as cache:
+                lls = diffusion.loglikelihood(
+                    self.model, pairs, mc_num=mc_num, batch_size=self.settings.batch_size,
+                    seed=self.settings.seed, progress=self.progress, cache=cache)
+                check = [j for j, i in enumerate(idx) if reads_greedy[i]]
+                greedy = dict(zip(check, self.is_greedy([pairs[j] for j in check], cache)))
             for j, (i, ll) in enumerate(zip(idx, lls)):
                 out[i] = (ll, greedy.get(j, False))
         return out
 
-    def is_greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
+    def is_greedy(self, pairs: list[tuple[list[int], list[int]]], cache=None) -> list[bool]:
         """For each (prefix, target): does greedy decoding of the masked target after the prefix,
-        one token per step, the most confident position first, give back the target?"""
+        one token per step, the most confident position first, give back the target? ``cache``: a
+        ``diffusion.BatchCache`` for the decoding batches."""
         out = [False] * len(pairs)
         by_length = defaultdict(list)
         for j, (_, target) in enumerate(pairs):
             by_length[len(target)].append(j)
         for n, js in by_length.items():
             cfg = diffusion.GenerationConfig(gen_length=n, steps=n, block_length=n, sampler="llada")
-            decoded = diffusion.generate(self.model, [pairs[j][0] for j in js], cfg,
-                                         batch_size=self.settings.batch_size, progress=self.settings.progress)
+            generator = None if cache is None else torch.Generator(self.model.device).manual_seed(self.settings.seed)
+            decoded = diffusion.generate(self.model, [pairs[j][0] for j in js], cfg, generator=generator,
+                                         batch_size=self.settings.batch_size, progress=self.settings.progress,
+                                         cache=cache)
             for j, tokens in zip(js, decoded):
                 out[j] = tokens == list(pairs[j][1])
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        out = []
+        out, caches = [], {}
         log.info("%d loglikelihood_rolling requests", len(requests))
-        for req in tqdm(requests, desc="loglikelihood_rolling", unit="req", disable=not self.progress, file=sys.stderr):
-            task = req.task_name or ""
-            tokens = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
-            out.append(diffusion.rolling_loglikelihood(
-                self.model, tokens, max_length=self._max_length(task), mc_num=self.settings.for_task(task)["mc_num"],
-                batch_size=self.settings.batch_size, seed=self.settings.seed))
+        with ExitStack() as opened:
+            for req in tqdm(requests, desc="loglikelihood_rolling", unit="req", disable=not self.progress,
+                            file=sys.stderr):
+                task = req.task_name or ""
+                if task not in caches:
+                    caches[task] = opened.enter_context(task_cache(self.request_cache, task))
+                tokens = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
+                out.append(diffusion.rolling_loglikelihood(
+                    self.model, tokens, max_length=self._max_length(task), mc_num=self.settings.for_task(task)["mc_num"],
+                    batch_size=self.settings.batch_size, seed=self.settings.seed, cache=caches[task]))
         return out
 
     def generate_until(self, requests) -> list[str]:
@@ -141,9 +159,11 @@ class DiffusionLMAdapter(LM):
             generator = torch.Generator(self.model.device).manual_seed(self.settings.seed)
             log.info("%s: %d generate_until requests (gen_length %d, steps %d, batch %d)", task, len(idx),
                      cfg.gen_length, cfg.steps, self.settings.batch_size)
-            with RequestBar(f"{task} generate_until", len(idx), cfg.steps, self.progress) as bar:
+            with (RequestBar(f"{task} generate_until", len(idx), cfg.steps, self.progress) as bar,
+                  task_cache(self.request_cache, task) as cache):
                 tokens = diffusion.generate(self.model, prompts, cfg, batch_size=self.settings.batch_size,
-                                            generator=generator, progress=self.settings.progress, on_step=bar.on_step)
+                                            generator=generator, progress=self.settings.progress, on_step=bar.on_step,
+                                            cache=cache)
             for i, toks in zip(idx, tokens):
                 out[i] = cut_at_stops(self.decode(toks), requests[i].args[1].get("until"))
         return out

@@ -35,6 +35,7 @@ from qdlm_bench import sandbox
 from . import tasks as task_resolution
 from .adapter import DiffusionLMAdapter
 from .code_tasks import check_sandbox, code_tasks
+from .request_cache import RequestCache
 from .requests import evaluate_options, prepare_tasks
 from .settings import EvalSettings
 
@@ -96,7 +97,8 @@ def summarize(task: str, metrics: dict) -> dict:
             "all": {k: v for k, v in numbers.items() if v is not None}}
 
 
-def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None) -> dict[str, dict]:
+def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None,
+        request_cache: RequestCache | None = None) -> dict[str, dict]:
     """Evaluate ``model`` on ``tasks``: {task: {"metric", "value", "stderr", "all"}}.
 
     Task names resolve through ``tasks.resolve_tasks`` (project YAMLs with ``data_dir``, those
@@ -106,13 +108,15 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
     arguments, responses, filtered response, metrics) under "samples". Code tasks execute model
     output in ``settings.code_sandbox`` (``qdlm_bench.code_exec``; checked first,
     ``code_tasks.check_sandbox``) and their summary says which sandbox ran it ("code_sandbox").
+    Finished batches persist in ``request_cache`` when given (``request_cache.for_run``): a killed
+    run resumes inside a task.
     """
     settings = settings or EvalSettings()
     code_mode = check_sandbox(tasks, settings.code_sandbox, settings.include_path)
     objs, settings = prepare_tasks(tasks, settings)
     with sandbox.using(settings.code_sandbox) if code_mode else contextlib.nullcontext():
         results = lm_eval.simple_evaluate(
-            model=DiffusionLMAdapter(model, tokenizer, settings), tasks=objs, limit=settings.limit,
+            model=DiffusionLMAdapter(model, tokenizer, settings, request_cache), tasks=objs, limit=settings.limit,
             log_samples=settings.log_samples, **evaluate_options(settings),
             confirm_run_unsafe_code=code_mode is not None, task_manager=TaskManager(include_defaults=False),
         )

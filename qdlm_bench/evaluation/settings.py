@@ -68,6 +68,8 @@ class EvalSettings:
     include_path: folder(s) of your own task YAMLs (lm-eval's include_path; see ``tasks``).
     log_samples: also return lm-eval's per-sample records under each task's "samples".
     progress: show progress bars of generation and likelihood.
+    request_cache: persist finished batches under ``<store>/request_cache`` so that a killed run
+        resumes inside a task (``request_cache``); changes no number, so not in the record key.
     code_sandbox: how code tasks run generated programs: auto | bwrap | unshare | none
         (``qdlm_bench.sandbox``); checked against the run's tasks by ``validate_tasks``.
     groups: {task: its groups, innermost first} of the tasks being run (``within``); the group that
@@ -87,6 +89,7 @@ class EvalSettings:
     include_path: str | list[str] | None = None
     log_samples: bool = False
     progress: bool = False
+    request_cache: bool = True
     code_sandbox: str = "auto"
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
 
