@@ -4,6 +4,7 @@ recomputes only the batches it had not finished, and its metrics equal an uninte
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -17,7 +18,7 @@ import torch
 
 from qdlm_bench import diffusion, pipeline, runspec
 from qdlm_bench.evaluation import request_cache
-from qdlm_bench.evaluation.request_cache import TaskCache
+from qdlm_bench.evaluation.request_cache import RequestCache, TaskCache
 from qdlm_bench.generation import GenerationConfig
 from qdlm_bench.models import DiffusionLM, DLLMConfig
 from qdlm_bench.store import ResultStore, spec_key
@@ -174,6 +175,44 @@ def test_a_cache_of_another_model_or_dtype_never_serves(tmp_path, caplog):
     assert "belongs to namespace" in caplog.text
 
 
+def test_a_locked_database_is_not_moved_aside_and_the_task_runs_without_it(tmp_path, monkeypatch, caplog):
+    cache = RequestCache(tmp_path, NAMESPACE)
+    key = filled(cache.path_for("t"), NAMESPACE)
+    monkeypatch.setattr(request_cache, "BUSY_TIMEOUT_S", 0.2)
+    holder = sqlite3.connect(cache.path_for("t"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another job, writing for longer than the busy timeout
+    with caplog.at_level(logging.WARNING), cache.task("t") as opened:
+        assert opened is None
+    assert "cannot be used (database is locked); t runs without it" in caplog.text
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert not list(tmp_path.rglob("*.broken-*"))
+    with cache.task("t") as opened:
+        assert opened.get(key) == [1.25, -3.0]
+
+
+def _fill(path: str, offset: int) -> None:
+    cache = TaskCache(Path(path), NAMESPACE)
+    for i in range(offset, offset + 150):
+        cache.put(cache.key("elbo", ([torch.tensor([i])],)), [float(i) / 7])
+    cache.close()
+
+
+def test_two_processes_write_one_database_at_once(tmp_path):
+    path = tmp_path / "t.sqlite"
+    TaskCache(path, NAMESPACE).close()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_fill, args=(str(path), offset)) for offset in (0, 100)]  # 50 keys in common
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    cache = TaskCache(path, NAMESPACE)
+    assert len(cache) == 250
+    assert all(cache.get(cache.key("elbo", ([torch.tensor([i])],))) == [i / 7] for i in range(250))
+
+
 def test_the_request_cache_setting_is_not_in_the_record_key():
     on, off = (runspec.build(config(*OVERRIDES, f"eval.request_cache={v}")) for v in ("true", "false"))
     assert spec_key(on.semantic()) == spec_key(off.semantic())
@@ -244,4 +283,5 @@ def test_a_run_killed_inside_a_task_resumes_without_recomputing_finished_batches
     assert resumed["metrics"] == reference["metrics"]  # every metric and sample (log_samples), bit for bit
     assert ResultStore(store).records()[0]["metrics"] == reference["metrics"]
     print(f"\nresume: mini_math killed after {done} of {total} batches; {len(cached)} batches cached in all; "
-          f"forward calls {n_reference} uninterrupted, {resumed_calls.n} resumed ({saved} saved)")
+          f"forward calls {n_reference} uninterrupted, {resumed_calls.n} resumed ({saved} saved); evaluation "
+          f"{reference['timings']['evaluate_s']} s uninterrupted, {resumed['timings']['evaluate_s']} s resumed")

@@ -19,16 +19,21 @@ database's ``meta`` table describes it) is a hash of the quantized model
 (``RunSpec.quantization_key``), dtype, device type and name, torch version and the source of the
 code that computes a batch (``diffusion``, ``generation``, ``models``, ``quant``): a cache of
 another model, precision, device or code never serves a run; each database also records its
-namespace and is refused when it differs. Each batch is one SQLite transaction, synced
-(``synchronous=FULL``): durable when the process is killed or its node fails. The rollback
-journal, not WAL, is used because WAL needs the processes of a database on one host, while a
-SLURM sweep's ``store`` is shared by nodes; concurrent jobs take turns through SQLite's file locks
-(a writer waits up to ``BUSY_TIMEOUT_S``), which a network filesystem must support (NFSv4 does).
+namespace and is refused when it differs. Each batch is one SQLite transaction, committed as it
+completes: a killed process (SIGKILL, OOM, a SLURM time limit) loses no finished batch. Commits are
+not synced to disk (``synchronous=OFF``: 0.3 ms a batch here, against 20 ms with a sync): a crash
+of the whole machine may corrupt the file, which is then rebuilt (below). The rollback journal,
+not WAL, is used: WAL needs every process of a database on one host, while a SLURM sweep's
+``store`` is shared by nodes; concurrent jobs take turns through SQLite's file locks (a writer
+waits up to ``BUSY_TIMEOUT_S``), which a network filesystem must support (NFSv4 does).
 
-An unreadable database (truncated, not SQLite, another namespace, a row whose checksum fails) is
-not an error: the cache only saves time, so the file is moved aside (``<file>.broken-<time>``,
-kept for inspection) with a warning, and an empty one is started: its batches are recomputed.
-Clear a model's cache by deleting its folder; disable with ``eval.request_cache=false``.
+The cache only saves time, so no trouble with it fails a run. An unusable database (truncated,
+not SQLite, another namespace or format) is moved aside (``<file>.broken-<ns>``, kept for
+inspection) with a warning and an empty one is started: its batches are recomputed; a row whose
+checksum fails is recomputed; a database that cannot be opened or written (locked for more than
+``BUSY_TIMEOUT_S``, read-only, disk full) is warned about and the task goes on without it.
+Clear a model's cache by deleting its folder; disable it (neither read nor written) with
+``eval.request_cache=false``: ``force=true`` reruns a run but still reads the cache.
 """
 
 from __future__ import annotations
@@ -55,8 +60,18 @@ BUSY_TIMEOUT_S = 120.0
 _CODE = (diffusion, generation, models, quant)  # what computes a batch (modules and packages)
 
 
+# errors of a database that is sound but cannot be used now (else the file is moved aside)
+UNAVAILABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_FULL",
+               "SQLITE_PROTOCOL")
+
+
 class UnusableCache(Exception):
     """A cache database that cannot be used (corrupt, or of another namespace)."""
+
+
+def unavailable(err: sqlite3.Error) -> bool:
+    """Is ``err`` one of a sound database that cannot be used now (``UNAVAILABLE``)?"""
+    return str(getattr(err, "sqlite_errorname", "")).startswith(UNAVAILABLE)
 
 
 def code_digest() -> str:
@@ -108,7 +123,10 @@ def _feed(h, obj) -> None:
 
 
 class TaskCache:
-    """One task's batches in one SQLite file (``diffusion.BatchCache``); counts hits and misses."""
+    """One task's batches in one SQLite file (``diffusion.BatchCache``); counts hits and misses.
+    Opening raises sqlite3.Error when the file cannot be used now (``unavailable``), OSError when
+    its folder cannot be written; an error while
+    reading or writing later is warned about once, and the cache then serves and keeps nothing."""
 
     def __init__(self, path: Path, namespace: dict):
         self.path, self.namespace, self.described = Path(path), spec_key(namespace), json.dumps(namespace, sort_keys=True)
@@ -116,6 +134,8 @@ class TaskCache:
         try:
             self.conn = self._connect()
         except (sqlite3.DatabaseError, UnusableCache) as err:
+            if isinstance(err, sqlite3.Error) and unavailable(err):
+                raise
             aside = self.path.with_name(f"{self.path.name}.broken-{time.time_ns()}")
             log.warning("request cache %s is unusable (%s); moved it to %s and starting an empty one "
                         "(its batches are recomputed)", self.path, err, aside)
@@ -127,7 +147,7 @@ class TaskCache:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)  # autocommit
         try:
             conn.execute("PRAGMA journal_mode=DELETE")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=OFF")
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise UnusableCache(f"integrity check: {check}")
@@ -160,7 +180,7 @@ class TaskCache:
 
     def get(self, key: str):
         """The stored value of ``key`` (None if absent or its checksum fails: then recomputed)."""
-        row = self.conn.execute("SELECT value, checksum FROM batches WHERE key = ?", (key,)).fetchone()
+        row = self._run("SELECT value, checksum FROM batches WHERE key = ?", key)
         if row is not None and row[1] != _checksum(key, row[0]):
             log.warning("request cache %s: batch %s fails its checksum; recomputing it", self.path, key[:16])
             row = None
@@ -173,10 +193,23 @@ class TaskCache:
     def put(self, key: str, value) -> None:
         """Store ``value`` (JSON: floats round-trip exactly) under ``key``, committed at once."""
         text = json.dumps(value)
-        self.conn.execute("INSERT OR REPLACE INTO batches VALUES (?, ?, ?)", (key, text, _checksum(key, text)))
+        self._run("INSERT OR REPLACE INTO batches VALUES (?, ?, ?)", key, text, _checksum(key, text))
+
+    def _run(self, sql: str, *args):
+        """The first row of ``sql`` (None if none, or once the database has failed)."""
+        if self.conn is None:
+            return None
+        try:
+            return self.conn.execute(sql, args).fetchone()
+        except sqlite3.Error as err:
+            log.warning("request cache %s failed (%s); the rest of this task runs without it", self.path, err)
+            self.close()
+            return None
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def _checksum(key: str, text: str) -> str:
@@ -195,8 +228,14 @@ class RequestCache:
 
     @contextmanager
     def task(self, task: str):
-        """The open ``TaskCache`` of ``task``; on exit, logs how many batches it served."""
-        cache = TaskCache(self.path_for(task), self.namespace)
+        """The open ``TaskCache`` of ``task`` (None when it cannot be opened: warned); on exit, logs
+        how many batches it served."""
+        try:
+            cache = TaskCache(self.path_for(task), self.namespace)
+        except (sqlite3.Error, OSError) as err:
+            log.warning("request cache %s cannot be used (%s); %s runs without it", self.path_for(task), err, task)
+            yield None
+            return
         try:
             yield cache
         finally:
