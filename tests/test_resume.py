@@ -15,31 +15,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_eval.api.instance import Instance
 
 from qdlm_bench import diffusion, pipeline, runspec
-from qdlm_bench.evaluation import request_cache
+from qdlm_bench.evaluation import adapter, request_cache
 from qdlm_bench.evaluation.request_cache import RequestCache, TaskCache
 from qdlm_bench.generation import GenerationConfig
-from qdlm_bench.models import DiffusionLM, DLLMConfig
+from qdlm_bench.models import DiffusionLM
 from qdlm_bench.store import ResultStore, spec_key
 
+from test_diffusion import tiny
+from test_is_greedy import SETTINGS as GREEDY_SETTINGS, TOK, LettersOnly, request as greedy_request
 from test_pipeline import ROOT, config
 
-MASK = 63
 NAMESPACE = {"quantization_key": "0" * 16, "dtype": "float32", "device": "cpu"}
 # a likelihood task, then a generation task that samples (temperature > 0: the generator's stream
 # runs across batches); batch_size 1 makes 8 generation batches of 32 forward passes each
 OVERRIDES = ["method=fp", "model=tiny_random_llada", "tasks=[mini_qa,mini_math]", "eval.limit=8",
              "eval.mc_num=4", "eval.batch_size=1", "eval.log_samples=true", "device=cpu", "dtype=float32",
              "+eval.generation={mini_math:{temperature:0.5,gen_length:32,steps:32,block_length:16}}"]
-
-
-def tiny(family: str) -> DiffusionLM:
-    torch.manual_seed(0)
-    dream = family == "dream"
-    return DiffusionLM(DLLMConfig(family=family, vocab_size=64, d_model=32, n_layers=2, n_heads=4,
-                                  n_kv_heads=2 if dream else 4, d_ff=64, qkv_bias=dream, shift_logits=dream,
-                                  mask_token_id=MASK, eos_token_id=62, pad_token_id=62)).eval()
 
 
 class ForwardCounter:
@@ -57,6 +51,13 @@ class ForwardCounter:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+def results(record: dict) -> dict:
+    """The results of a record's tasks: metrics with stderr, all of lm-eval's, and the samples."""
+    out = {task: {k: m[k] for k in ("metric", "value", "stderr", "all", "samples")} for task, m in record["metrics"].items()}
+    assert all(m["samples"] and m["all"] for m in out.values())
+    return out
 
 
 def stored_keys(path: Path) -> set[str]:
@@ -101,6 +102,25 @@ def test_cached_batches_are_not_computed_and_change_no_number(tmp_path, family):
     assert out == plain and torch.equal(end_state, state)
     assert (cache.hits, cache.misses) == (4, 2) and n == first_batch.n + 1  # + one likelihood forward
     cache.close()
+
+
+def test_the_adapter_serves_is_greedy_and_rolling_likelihoods_from_the_cache(tmp_path):
+    model = LettersOnly("llada")
+    pairs = [greedy_request("lambada_openai", c, doc_id=i) for i, c in enumerate(["abc", "xyz"])]
+    rolling = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0,
+                        metadata=("wikitext", i, 1)) for i, text in enumerate(["hello world", "a longer text"])]
+
+    def evaluate(cache):
+        lm = adapter.DiffusionLMAdapter(model, TOK, GREEDY_SETTINGS, cache)
+        model.calls = 0
+        out = lm.loglikelihood(pairs), lm.loglikelihood_rolling(rolling)
+        return out, model.calls
+
+    plain, n = evaluate(None)
+    cache = RequestCache(tmp_path, NAMESPACE)
+    assert evaluate(cache) == (plain, n) and n > 2  # likelihood, decoding and rolling passes
+    assert evaluate(cache) == (plain, 0)  # all of them read back
+    assert {p.name for p in cache.folder.iterdir()} == {"lambada_openai.sqlite", "wikitext.sqlite"}
 
 
 def test_generation_with_a_cache_needs_a_generator(tmp_path):
@@ -280,8 +300,8 @@ def test_a_run_killed_inside_a_task_resumes_without_recomputing_finished_batches
     saved = sum(per_batch[k] for k in cached)
     assert resumed_calls.n == n_reference - saved
     assert f"mini_math: {done} of {total} batches from the request cache {db}" in caplog.text
-    assert resumed["metrics"] == reference["metrics"]  # every metric and sample (log_samples), bit for bit
-    assert ResultStore(store).records()[0]["metrics"] == reference["metrics"]
+    # every metric and every sample's responses (log_samples), bit for bit; measurements (timings) aside
+    assert results(resumed) == results(reference) == results(ResultStore(store).records()[0])
     print(f"\nresume: mini_math killed after {done} of {total} batches; {len(cached)} batches cached in all; "
           f"forward calls {n_reference} uninterrupted, {resumed_calls.n} resumed ({saved} saved); evaluation "
           f"{reference['timings']['evaluate_s']} s uninterrupted, {resumed['timings']['evaluate_s']} s resumed")
