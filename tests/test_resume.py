@@ -267,9 +267,10 @@ def test_a_run_killed_inside_a_task_resumes_without_recomputing_finished_batches
     # the same run as a subprocess, SIGKILLed once it has stored some but not all generation batches
     store = tmp_path / "store"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as this process (conftest)
-    proc = subprocess.Popen([sys.executable, "run.py", *OVERRIDES, f"store={store}",
-                             f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_file = tmp_path / "run.log"  # a file, not a pipe: a full pipe would stall the run
+    with log_file.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "run.py", *OVERRIDES, f"store={store}",
+                                 f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, env=env, stdout=out, stderr=out)
     deadline = time.monotonic() + 120
     db = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -281,11 +282,10 @@ def test_a_run_killed_inside_a_task_resumes_without_recomputing_finished_batches
         except sqlite3.OperationalError:  # its tables are not created yet
             pass
         time.sleep(0.01)
-    assert db is not None, f"the run ended ({proc.poll()}) before half the generation batches were stored: " \
-                           f"{proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # os.kill(pid, SIGKILL), unless the run has ended (and been reaped)
     proc.wait(timeout=30)
-    proc.stderr.close()
+    assert db is not None, f"no kill: the run ended before half the generation batches were stored: " \
+                           f"{log_file.read_text()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
     assert list(store.glob("*.json")) == []  # died before its record: mid-run
     cached = stored_keys(db) | stored_keys(db.with_name("mini_qa.sqlite"))
