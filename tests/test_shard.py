@@ -147,3 +147,21 @@ def test_qdlm_study_is_the_intended_grid():
     assert dllmquant["method"]["base"] == "awq" and dllmquant["bits"] == "w4a4kv4"
     assert dllmquant["calib"]["source"] == "prompts:gsm8k_local+humaneval_local"
     assert dllmquant["model"]["path"] == "/data/hf/Dream-org/Dream-v0-Instruct-7B"
+
+
+def test_the_plan_stands_in_for_absent_weights_only_when_told(capsys):
+    from qdlm_bench import plan
+
+    common = ["tasks=[mini_math]", "eval.limit=2", "method=fp", "--json"]
+    assert plan.main(["model=llada_8b_base", *common]) == 2  # offline: no config or tokenizer of the hub model
+    assert "pass model.path=<a local checkpoint folder>" in capsys.readouterr().err
+    bench = str(ROOT / "reports/bench/h200-study-throughput.json")
+    assert plan.main(["model=llada_8b_base", "plan.tokenizer=byte", f"plan.bench={bench}", *common]) == 0
+    stand_in = json.loads(capsys.readouterr().out)
+    assert plan.main(["model=llada_8b_random", *common]) == 0  # the same shape and tokenizer, named
+    named = json.loads(capsys.readouterr().out)
+    assert stand_in["stand_in"] == "byte" and named["stand_in"] is None
+    [a], [b] = (d["runs"][0]["tasks"].values() for d in (stand_in, named))
+    assert (a["passes"], a["tokens"], a["flops"]) == (b["passes"], b["tokens"], b["flops"]) and a["flops"] > 0
+    assert stand_in["throughput_by_kind"]["generate"] == 522.5  # the bench JSON's per-kind rate
+    assert a["hours"] == pytest.approx(a["flops"] / 522.5e12 / 3600)
