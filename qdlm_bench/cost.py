@@ -12,6 +12,13 @@ Counting rules (each mirrors the code it names):
   pass per timestep while a token is masked (its float32 schedule replayed), logits on the
   generated columns. Dream's ``alg=origin`` draws which tokens move: counted as every step (an
   upper bound, flagged ``approx``).
+- fast decoders (``decode``, ``qdlm_bench.decoders``): block by block; with a cache, each block's
+  first pass is a full one and the others run only their fresh columns (``prefix``: the block to
+  the end; ``dual``: the block; one column more for Dream) against all ``L`` keys: FLOPs of a row
+  ``q * 2 * P_matmul + 4 * n_layers * q * L * d_model + c * 2 * d_model * vocab`` for ``q`` fresh
+  columns. Parallel decoding's passes depend on the model's confidences: counted as their upper
+  bound, one token per step (``block_length`` passes per block), flagged ``approx``; records hold
+  the measured forward passes per sample.
 - ``loglikelihood`` (``diffusion.loglikelihood``): per task, ``mc_num`` rows per request (prefix +
   target, the prefix cut so the pair fits ``max_length``), rows in order of length, ``batch_size``
   rows per pass, right-padded to the pass's longest row; logits on every column. Requests of
@@ -135,12 +142,53 @@ def dream_steps(gen) -> tuple[int, bool]:
     return passes, False
 
 
-def generation_cost(cfg, prompt_lens: list[int], gen, batch_size: int) -> Cost:
-    """``diffusion.generate`` of prompts of these lengths (already cut to the window)."""
+def _fast_decoder_pass(cfg, rows: int, prompt_len: int, gen, decode) -> Cost:
+    """All passes of a fast decoder (module doc) over ``rows`` prompts padded to ``prompt_len``."""
+    from dataclasses import replace
+
+    from qdlm_bench.decoders.counting import call_flops
+
+    sampler = gen.sampler or cfg.family
+    decode.check(gen, sampler)
+    n_blocks, width = gen.gen_length // gen.block_length, gen.block_length
+    block_gen = replace(gen, gen_length=width, steps=gen.steps // n_blocks, block_length=width)
+    if decode.threshold is not None:
+        steps, approx = width, True
+    elif sampler == "llada":
+        steps, approx = llada_steps(block_gen), False
+    else:
+        steps, approx = dream_steps(block_gen)
+    seq, shift = prompt_len + gen.gen_length, int(cfg.shift_logits)
+    out = Cost(approx=approx)
+    for b in range(n_blocks):
+        if decode.cache == "none":
+            parts = [(seq, steps)]
+        else:
+            fresh = (seq - prompt_len - b * width if decode.cache == "prefix" else width) + shift
+            fills = 1 if decode.refresh is None else -(-steps // decode.refresh)
+            parts = [(seq, fills), (fresh, steps - fills)]
+        for q, n in parts:
+            if n > 0:
+                out.add(Cost(passes=n, tokens=n * rows * q, rows=n * rows,
+                             flops=n * rows * call_flops(cfg, q, seq, width)))
+    return out
+
+
+def generation_cost(cfg, prompt_lens: list[int], gen, batch_size: int, decode=None) -> Cost:
+    """``diffusion.generate`` of prompts of these lengths (already cut to the window), with the
+    exact sampler or the fast decoder ``decode`` (a ``DecodeConfig``; None: exact)."""
     from qdlm_bench.diffusion import check_generation
 
     sampler = gen.sampler or cfg.family
     check_generation(gen, sampler, [[0] * n for n in prompt_lens])
+    if decode is not None and not decode.is_exact:
+        out = Cost()
+        batches = list(_chunks(sorted(prompt_lens), batch_size))
+        for batch in batches:
+            out.add(_fast_decoder_pass(cfg, len(batch), max(batch), gen, decode))
+        if batches:
+            out.probes["generate"] = (out.flops, Probe("generate", batches[len(batches) // 2], gen))
+        return out
     if sampler == "llada":
         steps, approx, cols = llada_steps(gen), False, gen.block_length
         rows_per = 2 if gen.cfg_scale > 0 else 1
@@ -216,7 +264,7 @@ def requests_cost(lm, requests: list) -> dict[str, Cost]:
                 gen = settings.generation_config(task, reqs[idx[0]].args[1])
                 keep = max(1, limit - gen.gen_length)
                 lens = [min(len(lm.encode(reqs[i].args[0])), keep) for i in idx]
-                out[task].add(generation_cost(cfg, lens, gen, bs), "generate")
+                out[task].add(generation_cost(cfg, lens, gen, bs, settings.decode), "generate")
             elif reqtype == "loglikelihood":
                 pairs = [lm.encode_pair(*reqs[i].args) for i in idx]
                 pairs = [(max(0, min(len(p), limit - len(t))), len(t)) for p, t in pairs]

@@ -46,13 +46,13 @@ def pad_rows(rows: list[torch.Tensor], value, left: bool) -> tuple[torch.Tensor,
     return out, (None if bool(attn.all()) else attn)
 
 
-def _top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the ``k[b]`` highest ``scores[b]`` per row (vectorized, k varies by row)."""
     rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
     return rank < k[:, None]
 
 
-def _gumbel(shape, device, generator) -> torch.Tensor:
+def gumbel(shape, device, generator) -> torch.Tensor:
     u = torch.rand(shape, device=device, generator=generator, dtype=torch.float64)
     return -torch.log(-torch.log(u.clamp_min(1e-20)))
 
@@ -160,7 +160,7 @@ def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
             x0, conf = llada_tokens(logits, mask_id, cfg, generator)
             block = x[:, cols]
             conf = conf.masked_fill(block != mask_id, -torch.inf)
-            transfer = _top_k_mask(conf, schedule[:, i])
+            transfer = top_k_mask(conf, schedule[:, i])
             x[:, cols] = torch.where(transfer, x0, block)
             on_step(b * steps + i, x)
 
@@ -241,10 +241,10 @@ def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
         full_conf = torch.full(masked.shape, -torch.inf, device=x.device, dtype=torch.float64)
         full_conf[masked] = conf.double()
         if cfg.alg_temp > 0:  # Gumbel-top-k == sampling positions from softmax(conf / alg_temp)
-            full_conf = full_conf / cfg.alg_temp + _gumbel(masked.shape, x.device, generator)
+            full_conf = full_conf / cfg.alg_temp + gumbel(masked.shape, x.device, generator)
         n_masked = masked.sum(1)
         k = n_masked if last else (n_masked.float() * ratio).long()
-        transfer = _top_k_mask(full_conf, k)
+        transfer = top_k_mask(full_conf, k)
         candidates = torch.full_like(gen, mask_id)
         candidates[masked] = x0
         gen[transfer] = candidates[transfer]
@@ -286,6 +286,7 @@ def generate(
     progress: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     cache: BatchCache | None = None,
+    decoder: Callable | None = None,
 ) -> list[list[int]]:
     """Generate ``cfg.gen_length`` tokens after each prompt; returns only those, in prompt order.
 
@@ -299,6 +300,9 @@ def generate(
     ``cache``: a batch found there (same sampler, settings, padded input and ``generator`` state
     before it) is not sampled: its tokens and the generator state after it are restored, so the
     later batches draw what they would have (``on_step`` is not called for it). Needs ``generator``.
+
+    ``decoder``: a fast decoder (``decoders.samplers.Decoder``, with the samplers' signature and a
+    ``label`` that keys its cached batches) instead of the family's exact sampler.
     """
     sampler = cfg.sampler or model.config.family
     check_generation(cfg, sampler, prompts)
@@ -316,10 +320,11 @@ def generate(
             gen_start = x.shape[1] - cfg.gen_length
 
             def sample(x=x, attn=attn, gen_start=gen_start):
-                _SAMPLERS[sampler](model, x, attn, gen_start, cfg, generator, bar, on_step or _no_step)
+                (decoder or _SAMPLERS[sampler])(model, x, attn, gen_start, cfg, generator, bar, on_step or _no_step)
                 return {"tokens": x[:, gen_start:].tolist(), "rng": None if cache is None else rng_state(generator)}
 
-            content = (sampler, asdict(cfg), x, attn, None if cache is None else rng_state(generator))
+            content = (sampler if decoder is None else f"{sampler}/{decoder.label}", asdict(cfg), x, attn,
+                       None if cache is None else rng_state(generator))
             value, computed = cached_batch(cache, "generate", content, sample)
             if not computed:
                 generator.set_state(torch.frombuffer(bytearray.fromhex(value["rng"]), dtype=torch.uint8))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from qdlm_bench import decode_report
 from qdlm_bench.study import AVG, DROP, relative_drop, variant_pairs
 
 NEAR_LOSSLESS = 1.0  # % relative drop of avg
@@ -129,8 +130,35 @@ def instruct_drops_less(tables) -> Finding:
     return found
 
 
-def check(tables: list[pd.DataFrame]) -> list[Finding]:
-    """Every finding of the study, checked on report.study_tables(...)."""
+DECODE_TOLERANCE = 1.0  # points of avg
+
+
+def fast_decoding(fast_tables: list[pd.DataFrame]) -> list[Finding]:
+    """On the Fast decoding tables (``decode_report``): prefix cache + parallel decoding keeps FP within
+    DECODE_TOLERANCE points of exact decoding; a fast decoder costs a quantized model at most
+    DECODE_TOLERANCE points more than it costs FP."""
+    fp_ok = Finding("fast_decoding_fp_within_1pt",
+                    f"prefix cache + parallel decoding keeps FP within {DECODE_TOLERANCE:g} point of exact decoding")
+    same = Finding("fast_decoding_costs_quantized_as_fp",
+                   f"a fast decoder costs a quantized model no more than {DECODE_TOLERANCE:g} point more than FP")
+    for table in fast_tables:
+        for _, row in table.iterrows():
+            delta, delta_fp = _number(row[decode_report.DELTA]), _number(row[decode_report.DELTA_FP])
+            if row["decode"] == "exact" or delta is None:
+                continue
+            name = f"{table.attrs['model']} {row['method']} {row['bits']} {row['decode']}"
+            if row["method"] == "fp":
+                if "prefix_cache" in row["decode"] and "parallel" in row["decode"]:
+                    fp_ok.checks.append((delta >= -DECODE_TOLERANCE, f"{name}: Δ {delta:+.1f} pts"))
+            elif delta_fp is not None:
+                same.checks.append((delta >= delta_fp - DECODE_TOLERANCE,
+                                    f"{name}: Δ {delta:+.1f} pts vs FP's {delta_fp:+.1f}"))
+    return [fp_ok, same]
+
+
+def check(tables: list[pd.DataFrame], fast_tables: list[pd.DataFrame] = ()) -> list[Finding]:
+    """Every finding of the study, checked on report.study_tables(...) (and the Fast decoding
+    tables, ``decode_report.fast_decoding_tables``)."""
     return [
         near_lossless(tables, "w4_weight_only_lossless", f"4-bit weight-only is near lossless (drop < {NEAR_LOSSLESS}%)",
                       lambda p: p["w_bits"] == 4 and p["a_bits"] == 16),
@@ -141,6 +169,7 @@ def check(tables: list[pd.DataFrame]) -> list[Finding]:
         beats(tables, "gptq_beats_awq", "GPTQ beats AWQ at the same bits", ("gptq",), "awq"),
         categories_drop_more(tables),
         instruct_drops_less(tables),
+        *(fast_decoding(list(fast_tables)) if len(fast_tables) else []),
     ]
 
 

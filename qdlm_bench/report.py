@@ -25,7 +25,10 @@ Failed runs keep their row and error (a numerical fault as ``failed: <kind> at <
 files that cannot be read are skipped and listed after the report with their reasons. A (method, bits) that another table of the same tasks and
 eval settings holds but this one lacks is a "missing" row, and so is an absent FP record. The
 base and instruct variants of one model (names ending -base / -instruct) evaluated alike also
-get a side-by-side table. The study's findings (qdlm_bench.findings) close the report.
+get a side-by-side table. A fast decoder (``decode``) has its own tables (a decode column, titles
+"<model> decode=<decoder>") and the "Fast decoding" table (``qdlm_bench.decode_report``: accuracy
+change and speed-up against exact decoding, quantized next to FP). The study's findings
+(qdlm_bench.findings) close the report.
 
 Written to --out ("-<sweep>" appended to names when --sweep is given): report.md (what is
 printed), <table>.{md,tex,csv} for each table, <table>-drop.{png,pdf} (drop % per bits and
@@ -47,13 +50,14 @@ from typing import Callable, Iterable, Mapping
 
 import pandas as pd
 
-from qdlm_bench import findings
+from qdlm_bench import decode_report, findings
 from qdlm_bench.store import FP_PRECISION, CorruptRecordWarning, ResultStore, spec_key
 from qdlm_bench.study import AVG, DROP, model_variant, relative_drop, variant_pairs
 from qdlm_bench.tracking import MODES, WandbLogger
 
 META = ("key", "baseline_key", "setting", "setting_text", "spec_tasks", "model", "method", "bits",
-        "precision", "sweep", "status", "error", "fault", "created", "quant_setup", "spec", "missing_tasks")
+        "precision", "sweep", "status", "error", "fault", "created", "quant_setup", "spec", "missing_tasks",
+        "decode")
 STDERR, METRIC = ":stderr", ":metric"  # suffixes of a task's stderr / metric-name columns
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 CATEGORIES = {
@@ -61,7 +65,7 @@ CATEGORIES = {
     "Math": ("gsm8k*", "math*", "minerva*", "mini_math*"),
     "Code": ("humaneval*", "mbpp*", "mini_code*"),
 }
-LABELS = ("bits", "method", "status")
+LABELS = ("bits", "method", "decode", "status")
 FP_LABEL = ("fp", "fp")  # (method, bits) of the baseline; "fp" ignores bits
 MISSING_RUN = "missing"
 NO_FP = "n/a (no FP record)"
@@ -137,6 +141,7 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
                    spec_tasks=tuple(setting["tasks"] or ()), error=error_summary(record.get("error")),
                    spec=record.get("spec") or {}, missing_tasks=(),
                    quant_setup=_flat({k: (record.get("spec") or {}).get(k) for k in ("method", "calib", "quant")}))
+        row["decode"] = decode_report.decode_label(record)
         if row["method"] == "fp":
             row["bits"] = "fp"
         for task, result in (record.get("metrics") or {}).items():
@@ -266,6 +271,9 @@ def study_table(rows: pd.DataFrame, expected: Mapping[tuple[str, str], dict] | N
     percent = {t: not lower[t] and rows[t].notna().any() and rows[t].dropna().between(0, 1).all() for t in tasks}
 
     table = rows[["bits", "method"]].copy()
+    decode = first.get("decode", "exact")
+    if decode != "exact":  # a fast decoder's table (its own baseline: the FP run with that decoder)
+        table["decode"] = decode
     table["status"] = [failed_status(e, f) if s == "failed" else s
                        for s, e, f in zip(rows["status"], rows["error"], rows.get("fault", [None] * len(rows)))]
     for t in tasks:
@@ -312,6 +320,7 @@ def study_table(rows: pd.DataFrame, expected: Mapping[tuple[str, str], dict] | N
                      **{c: 1 if all(percent[t] for t in ts) else 2 for c, ts in categories.items()},
                      AVG: 1 if all(percent[t] for t in avg_tasks) else 2, DROP: 1},
         "best": best, "precision": dict(zip(rows["bits"], rows["precision"])), "missing": missing,
+        "decode": decode,
     }
     return table
 
@@ -336,7 +345,8 @@ def study_tables(frame: pd.DataFrame) -> list[pd.DataFrame]:
     groups = sorted(frame.groupby(["model", "baseline_key"], sort=False),
                     key=lambda g: (g[0][0], str(g[1]["created"].min())))
     tables = [study_table(rows.reset_index(drop=True), expected[rows["setting"].iat[0]]) for _, rows in groups]
-    return _name_tables(tables, [t.attrs["model"] for t in tables])
+    return _name_tables(tables, [t.attrs["model"] + ("" if t.attrs["decode"] == "exact" else f" decode={t.attrs['decode']}")
+                                 for t in tables])
 
 
 def side_by_side(base: pd.DataFrame, instruct: pd.DataFrame) -> pd.DataFrame:
@@ -463,13 +473,14 @@ def make_report(records: list[dict], out: Path, formats: Iterable[str] = tuple(F
 
     tables = study_tables(records_frame(records))
     pairs = side_by_side_tables(tables)
-    found = findings.check(tables)
-    text = render(tables + pairs, found)
+    fast = decode_report.fast_decoding_tables(records)
+    found = findings.check(tables, fast)
+    text = render(tables + pairs + fast, found)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"report{suffix}.md"]
     written[0].write_text(text + "\n")
-    for table in tables + pairs:
+    for table in tables + pairs + fast:
         for fmt in formats:
             written.append(out / f"{table.attrs['name']}{suffix}.{FORMATS[fmt]}")
             _write(table, fmt, written[-1])
@@ -477,7 +488,7 @@ def make_report(records: list[dict], out: Path, formats: Iterable[str] = tuple(F
     print(f"wrote {len(written) + len(figures)} files to {out}", file=sys.stderr)
     if logger is not None:
         logger.log_outputs(f"report{suffix}", "report", files=written + figures,
-                           tables={t.attrs["name"]: format_table(t) for t in tables + pairs},
+                           tables={t.attrs["name"]: format_table(t) for t in tables + pairs + fast},
                            images=[p for p in figures if p.suffix == ".png"],
                            summary={f"finding/{f.key}": f.verdict for f in found})
     return written + figures

@@ -15,6 +15,7 @@ from typing import Any
 
 from qdlm_bench import evaluation, methods
 from qdlm_bench.calibration import CalibConfig, sources as calib_sources
+from qdlm_bench.decoders.config import EXACT, DecodeConfig
 from qdlm_bench.digest import checkpoint_fingerprint
 from qdlm_bench.evaluation import tasks as task_defs
 from qdlm_bench.models import layout
@@ -26,7 +27,7 @@ MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer",
                 "chat_template", "generation")
 # the top-level keys of conf/config.yaml (a key forced in with +key=... is refused)
 TOP_KEYS = ("model", "method", "calib", "eval", "bits", "quant", "tasks", "seed", "dtype", "device", "store",
-            "force", "baseline", "sweep", "shard", "checkpoints", "wandb")
+            "force", "decode", "baseline", "sweep", "shard", "checkpoints", "wandb")
 # the quant: section -> QuantSpec fields (besides the bit string)
 QUANT_OPTIONS = {"act_sym": "a_sym", "act_clip_ratio": "a_clip_ratio", "act_layers": "act_layers",
                  "exclude": "exclude", "lm_head": "lm_head"}
@@ -49,6 +50,7 @@ class RunSpec:
     dtype: str
     device: str
     seed: int
+    decode: DecodeConfig = EXACT  # generation's decoder; in the key (under eval) only when not exact
 
     def semantic(self) -> dict:
         """What defines the result (the store key hashes this); devices and paths excluded. Each
@@ -56,6 +58,8 @@ class RunSpec:
         evals = {k: v for k, v in self.eval.items() if k not in (
             "data_dir", "include_path", "batch_size", "code_sandbox", "progress", "request_cache")}
         evals["task_hashes"] = task_defs.task_hashes(self.tasks, self.settings.data_dir, self.settings.include_path)
+        if not self.decode.is_exact:  # an eval setting: the FP baseline of a row is the FP run with its decode
+            evals["decode"] = self.decode.as_dict()
         quantization = self.quantization()
         return {**{k: quantization[k] for k in ("model", "method", "calib", "quant") if k in quantization},
                 "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed}
@@ -233,6 +237,11 @@ def build(cfg: dict) -> RunSpec:
     if eval_cfg.get("apply_chat_template") is None:
         eval_cfg["apply_chat_template"] = bool(model.get("chat_template"))
     tasks = task_list(cfg["tasks"])
+    try:
+        decode = DecodeConfig.from_dict(cfg.get("decode"))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{err} (conf/decode/: exact, prefix_cache, dual_cache, parallel, prefix_cache_parallel, "
+                          "dual_cache_parallel)") from None
     seed = integer("seed", cfg["seed"])
     try:
         settings = evaluation.EvalSettings.from_dict(
@@ -250,8 +259,15 @@ def build(cfg: dict) -> RunSpec:
             calib_sources.check(calib, settings.data_dir, settings.include_path)
     except (TypeError, ValueError, FileNotFoundError) as err:
         raise ConfigError(f"calib: {err}") from None
+    settings.decode = decode
+    for task in tasks if not decode.is_exact else ():  # the decoder against each task's sampler settings
+        gen = settings.generation_config(task)
+        try:
+            decode.check(gen, gen.sampler or model["family"])
+        except ValueError as err:
+            raise ConfigError(f"task {task}: {err}") from None
     device = resolve_device(str(cfg["device"]))  # the first torch import: every check above is torch-free
     check_groups(quant, model)  # and the shape preset
     return RunSpec(calib=calib, model=model, method=method, options=options, quant=quant, tasks=tasks,
                    eval=eval_cfg, settings=settings, dtype=resolve_dtype(str(cfg["dtype"]), device),
-                   device=device, seed=seed)
+                   device=device, seed=seed, decode=decode)

@@ -6,7 +6,7 @@ import importlib
 import json
 import sys
 
-BENCHES = ("sampler", "forward", "quantize", "config_errors", "sandbox")
+BENCHES = ("sampler", "forward", "quantize", "config_errors", "sandbox", "decode")
 
 
 def main(argv: list[str]) -> None:

@@ -14,7 +14,10 @@
   non-overlapping windows of ``max_length`` tokens (perplexities are upper bounds).
 - ``generate_until``: ``diffusion.generate`` with the task's GenerationConfig; the output is cut
   at the first special token (EOS, end of turn...), decoded, then cut at the first ``until``
-  string. lm-eval's ``max_gen_toks``, ``do_sample`` are ignored: ``gen_length`` rules.
+  string. lm-eval's ``max_gen_toks``, ``do_sample`` are ignored: ``gen_length`` rules. The
+  settings' ``decode`` picks the decoder (``decoders.samplers.generate``: exact or a fast one);
+  ``generation_stats[task]`` keeps its timings (``decoders.counting.GenerationMeter``: samples/s,
+  forward passes per sample; after a resume, of the batches this process computed).
 
 Progress: on a terminal (stderr a tty) or with ``eval.progress=true``, each task's generation shows a
 bar over its requests (done/total, ETA; fed by the sampler's ``on_step``, which only observes),
@@ -44,6 +47,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from qdlm_bench import diffusion
+from qdlm_bench.decoders import samplers as decoding
+from qdlm_bench.decoders.counting import GenerationMeter
 
 from .request_cache import RequestCache, task_cache
 from .settings import EvalSettings
@@ -62,6 +67,7 @@ class DiffusionLMAdapter(LM):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or EvalSettings()
         self.request_cache = request_cache
+        self.generation_stats: dict[str, dict] = {}
         self._device = model.device
         self._stop_ids = set(tokenizer.all_special_ids) | {model.config.eos_token_id, model.config.mask_token_id}
 
@@ -159,11 +165,13 @@ class DiffusionLMAdapter(LM):
             generator = torch.Generator(self.model.device).manual_seed(self.settings.seed)
             log.info("%s: %d generate_until requests (gen_length %d, steps %d, batch %d)", task, len(idx),
                      cfg.gen_length, cfg.steps, self.settings.batch_size)
+            meter = GenerationMeter(self.model)
             with (RequestBar(f"{task} generate_until", len(idx), cfg.steps, self.progress) as bar,
-                  task_cache(self.request_cache, task) as cache):
-                tokens = diffusion.generate(self.model, prompts, cfg, batch_size=self.settings.batch_size,
-                                            generator=generator, progress=self.settings.progress, on_step=bar.on_step,
-                                            cache=cache)
+                  task_cache(self.request_cache, task) as cache, meter.measure(len(idx))):
+                tokens = decoding.generate(self.model, prompts, cfg, self.settings.decode,
+                                           batch_size=self.settings.batch_size, generator=generator,
+                                           progress=self.settings.progress, on_step=bar.on_step, cache=cache)
+            self.generation_stats[task] = {"decode": self.settings.decode.label, **meter.stats()}
             for i, toks in zip(idx, tokens):
                 out[i] = cut_at_stops(self.decode(toks), requests[i].args[1].get("until"))
         return out

@@ -31,6 +31,7 @@ import lm_eval
 from lm_eval.tasks import TaskManager
 
 from qdlm_bench import sandbox
+from qdlm_bench.decoders.counting import merge_stats
 
 from . import tasks as task_resolution
 from .adapter import DiffusionLMAdapter
@@ -109,14 +110,16 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
     output in ``settings.code_sandbox`` (``qdlm_bench.code_exec``; checked first,
     ``code_tasks.check_sandbox``) and their summary says which sandbox ran it ("code_sandbox").
     Finished batches persist in ``request_cache`` when given (``request_cache.for_run``): a killed
-    run resumes inside a task.
+    run resumes inside a task. A generation task's summary has its decoder's timings ("generation":
+    decode, samples, seconds, samples/s, forward passes per sample, TFLOP/s).
     """
     settings = settings or EvalSettings()
     code_mode = check_sandbox(tasks, settings.code_sandbox, settings.include_path)
     objs, settings = prepare_tasks(tasks, settings)
+    lm = DiffusionLMAdapter(model, tokenizer, settings, request_cache)
     with sandbox.using(settings.code_sandbox) if code_mode else contextlib.nullcontext():
         results = lm_eval.simple_evaluate(
-            model=DiffusionLMAdapter(model, tokenizer, settings, request_cache), tasks=objs, limit=settings.limit,
+            model=lm, tasks=objs, limit=settings.limit,
             log_samples=settings.log_samples, **evaluate_options(settings),
             confirm_run_unsafe_code=code_mode is not None, task_manager=TaskManager(include_defaults=False),
         )
@@ -127,6 +130,9 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
         out[name] = summarize(name, results["results"][name])
         if name in executed:
             out[name]["code_sandbox"] = code_mode
+        if gen := [lm.generation_stats[t.task_name] for t in task_resolution.leaf_tasks([obj])
+                   if t.task_name in lm.generation_stats]:
+            out[name]["generation"] = merge_stats(gen)
         if settings.log_samples:
             samples = [s for t in task_resolution.leaf_tasks([obj]) for s in results["samples"].get(t.task_name, [])]
             out[name]["samples"] = json.loads(json.dumps(samples, default=str))

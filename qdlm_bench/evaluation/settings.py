@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from qdlm_bench import sandbox
+from qdlm_bench.decoders.config import EXACT, DecodeConfig
 from qdlm_bench.generation import GenerationConfig
 
 from . import tasks as task_resolution
@@ -74,6 +75,7 @@ class EvalSettings:
         (``qdlm_bench.sandbox``); checked against the run's tasks by ``validate_tasks``.
     groups: {task: its groups, innermost first} of the tasks being run (``within``); the group that
         generates a task (mmlu_local's subjects) counts too, also when it runs alone.
+    decode: the decoder of generation tasks (the run's ``decode``; ``decoders.config``), exact by default.
     """
 
     batch_size: int = 16
@@ -92,6 +94,7 @@ class EvalSettings:
     request_cache: bool = True
     code_sandbox: str = "auto"
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
+    decode: DecodeConfig = field(default=EXACT, init=False, repr=False)
 
     @classmethod
     def from_dict(cls, cfg: Mapping | None = None, *, generation_defaults: Mapping | None = None) -> EvalSettings:

@@ -41,6 +41,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class LayerKV:
+    """One block's K/V cache ``[B, H_kv, L, hd]`` (after RoPE, ``qk_rotate`` and the K/V quantizers:
+    what the model, quantized or not, computes). A full forward (``fresh`` None) stores its K/V; a
+    cached one computes only the columns ``fresh`` and attends to the stored K/V with those columns
+    replaced by their fresh values (the cache itself is left as it was)."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.fresh: slice | None = None
+
+    def attend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fresh is None:
+            self.k, self.v = k, v
+            return k, v
+        a, b = self.fresh.start, self.fresh.stop
+        return (torch.cat([self.k[:, :, :a], k, self.k[:, :, b:]], 2),
+                torch.cat([self.v[:, :, :a], v, self.v[:, :, b:]], 2))
+
+
+class KVCache:
+    """Every block's ``LayerKV``: ``DiffusionLM.forward(..., cache=KVCache(n_layers))`` fills it,
+    ``forward(..., cache=cache, fresh=slice(a, b))`` reuses it for all columns outside ``[a, b)``."""
+
+    def __init__(self, n_layers: int):
+        self.layers = [LayerKV() for _ in range(n_layers)]
+
+    @property
+    def filled(self) -> bool:
+        return self.layers[0].k is not None
+
+    def use(self, fresh: slice | None) -> list[LayerKV]:
+        if fresh is not None and not self.filled:
+            raise ValueError("a cached forward (fresh=...) needs a cache filled by a full forward first")
+        for layer in self.layers:
+            layer.fresh = fresh
+        return self.layers
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DLLMConfig):
         super().__init__()
@@ -59,7 +97,7 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, kv: LayerKV | None = None):
         b, n, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
@@ -67,6 +105,8 @@ class Block(nn.Module):
         v = self.v_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.qk_rotate(apply_rope(q, cos, sin)), self.k_quant(self.qk_rotate(apply_rope(k, cos, sin)))
         v = self.v_quant(v)
+        if kv is not None:
+            k, v = kv.attend(k, v)
         gqa = self.n_heads != self.n_kv_heads
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         x = x + self.o_proj(a.transpose(1, 2).reshape(b, n, -1))
@@ -115,18 +155,41 @@ class DiffusionLM(nn.Module):
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, self.dtype)
         return cos, sin, mask
 
-    def hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
-        x = self.embed(input_ids)
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                      fresh: slice | None = None) -> torch.Tensor:
+        """Final hidden states [B, L, d]; with ``cache`` and ``fresh``, of the columns ``fresh`` only."""
         cos, sin, mask = self.block_context(input_ids, attention_mask)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask)
+        if fresh is not None:
+            input_ids, cos, sin = input_ids[:, fresh], cos[:, :, fresh], sin[:, :, fresh]
+            mask = None if mask is None else mask[:, :, fresh]
+        x = self.embed(input_ids)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, cos, sin, mask)
+        else:
+            for block, kv in zip(self.blocks, cache.use(fresh)):
+                x = block(x, cos, sin, mask, kv)
         return self.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, positions: slice | None = None) -> torch.Tensor:
-        """Logits [B, L, V]; with ``positions``, only those columns (the LM head runs on them only)."""
-        h = self.hidden_states(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask=None, positions: slice | None = None,
+                cache: KVCache | None = None, fresh: slice | None = None) -> torch.Tensor:
+        """Logits [B, L, V]; with ``positions``, only those columns (the LM head runs on them only).
+
+        ``cache`` (a ``KVCache``): without ``fresh``, the forward is the plain one and stores every
+        block's K/V; with ``fresh = slice(a, b)`` (``a`` >= 1 for Dream, whose logits at ``a`` come
+        from column ``a - 1``), only those columns run, against the cached K/V of the others, and
+        ``positions`` (required) must lie in ``[a + shift, b)``.
+        """
+        if fresh is not None and (cache is None or positions is None):
+            raise ValueError("fresh=... needs a cache and the positions whose logits to return")
+        h = self.hidden_states(input_ids, attention_mask, cache, fresh)
         if self.config.shift_logits:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+        if fresh is not None:
+            shift = int(self.config.shift_logits)
+            if positions.start < fresh.start + shift or positions.stop > fresh.stop:
+                raise ValueError(f"positions {positions} outside the fresh columns {fresh} (shift {shift})")
+            positions = slice(positions.start - fresh.start, positions.stop - fresh.start)
         return self.lm_head(h if positions is None else h[:, positions])
 
 

@@ -1,0 +1,85 @@
+"""The decoding benchmark:
+
+    python -m qdlm_bench.bench decode [shape=llada-8b] [batches=1,16] [prompt_len=500]
+        [gen_length=256] [steps=256] [block_length=32] [threshold=0.9]
+        [decoders=exact,prefix_cache,dual_cache,parallel,prefix_cache_parallel,dual_cache_parallel]
+        [batch1_prompts=2] [compile=0] [seed=0] [out=bench.json]
+
+decode: every decoder of the ``decode`` axis (``qdlm_bench.decoders``; the names of conf/decode/,
+parallel ones at ``threshold``) generates for the same prompts of about ``prompt_len`` random tokens
+(lengths vary by ±5%) on a random-weight model of ``shape`` (LLaDA-8B's by default, the model of
+``model=llada_8b_random``; bf16 on GPU, fp32 on CPU), at each batch size of ``batches`` (``batch``
+prompts; ``batch1_prompts`` prompts one at a time at batch 1). Per batch size and decoder:
+samples/s, forward passes per sample, TFLOP/s (counted matmul FLOPs, padding included, per second),
+the speed-up over ``exact`` and the fraction of generated tokens equal to exact decoding's.
+
+Random weights give near-uniform predictions: no confidence reaches a threshold like 0.9, so the
+parallel decoders unmask one token per step here (``forward_passes_per_sample`` shows it) and
+their speed-up on a trained model is the data's (records of real runs hold it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qdlm_bench.decoders.config import DecodeConfig
+from qdlm_bench.decoders.counting import GenerationMeter
+from qdlm_bench.decoders.samplers import generate
+from qdlm_bench.generation import GenerationConfig
+
+from .common import bench_model, device_peak, parse_args
+
+DECODERS = {"exact": {}, "prefix_cache": {"cache": "prefix"}, "dual_cache": {"cache": "dual"},
+            "parallel": {"parallel": True}, "prefix_cache_parallel": {"cache": "prefix", "parallel": True},
+            "dual_cache_parallel": {"cache": "dual", "parallel": True}}
+
+
+def decoder(name: str, threshold: float) -> DecodeConfig:
+    if name not in DECODERS:
+        raise SystemExit(f"unknown decoder {name!r}; valid: {', '.join(DECODERS)}")
+    spec = dict(DECODERS[name])
+    return DecodeConfig(cache=spec.get("cache", "none"), threshold=threshold if spec.get("parallel") else None)
+
+
+def random_prompts(cfg, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    spread = max(1, length // 20)
+    lengths = torch.randint(length - spread, length + spread + 1, (n,), generator=g)
+    high = min(cfg.vocab_size, cfg.mask_token_id)
+    return [torch.randint(0, high, (int(k),), generator=g).tolist() for k in lengths]
+
+
+def run(argv: list[str]) -> dict:
+    a = parse_args(argv, dict(shape="llada-8b", batches="1,16", prompt_len=500, gen_length=256, steps=256,
+                              block_length=32, threshold=0.9, decoders=",".join(DECODERS), batch1_prompts=2,
+                              compile=0, seed=0, out=""))
+    decoders = {name: decoder(name, a["threshold"]) for name in a["decoders"].split(",")}
+    batches = [int(b) for b in a["batches"].split(",")]
+    model = bench_model(a["shape"], a["seed"], a["compile"])
+    gen = GenerationConfig(gen_length=a["gen_length"], steps=a["steps"], block_length=a["block_length"],
+                           sampler="llada")
+    warm = GenerationConfig(gen_length=a["block_length"], steps=2, block_length=a["block_length"], sampler="llada")
+    prompts = random_prompts(model.config, max(batches), a["prompt_len"], a["seed"])
+    gpu, peak = device_peak()
+    result = {"bench": "decode", "args": a, "device": gpu, "dtype": str(model.dtype), "peak_tflops_bf16": peak}
+    for batch in batches:
+        some = prompts[: a["batch1_prompts"] if batch == 1 else batch]
+        for d in decoders.values():  # kernels, allocator (and compilation) for every decoder's shapes
+            generate(model, some[:batch], warm, d, batch_size=batch)
+        rows, exact_tokens = {}, None
+        for name, d in decoders.items():
+            meter = GenerationMeter(model)
+            with meter.measure(len(some)):
+                tokens = generate(model, some, gen, d, batch_size=batch)
+            stats = meter.stats()
+            if name == "exact":
+                exact_tokens = tokens
+            if exact_tokens is not None:
+                same = sum(t == e for row, ref in zip(tokens, exact_tokens) for t, e in zip(row, ref))
+                stats["same_tokens_as_exact"] = round(same / sum(map(len, exact_tokens)), 4)
+            rows[name] = {"decode": d.label, **stats}
+        if "exact" in rows:
+            for stats in rows.values():
+                stats["speedup"] = round(stats["samples_per_s"] / rows["exact"]["samples_per_s"], 2)
+        result[f"batch{batch}"] = rows
+    return result

@@ -1,0 +1,97 @@
+"""Counting a model's work: ``ForwardCounter`` (forward passes, rows, matmul FLOPs while active) and
+``GenerationMeter`` (samples/s, forward passes per sample, TFLOP/s of generation)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+def call_flops(cfg, queries: int, keys: int, logit_positions: int) -> float:
+    """Matmul FLOPs of one row of a forward: linears on ``queries`` columns, attention of those
+    against ``keys`` columns, the LM head on ``logit_positions`` columns."""
+    d_attn, d_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_token = 2 * (cfg.d_model * (2 * d_attn + 2 * d_kv) + 3 * cfg.d_model * cfg.d_ff) * cfg.n_layers
+    attention = 4 * queries * keys * d_attn * cfg.n_layers
+    return per_token * queries + attention + 2 * cfg.d_model * cfg.vocab_size * logit_positions
+
+
+def _width(s: slice | None, n: int) -> int:
+    return n if s is None else len(range(*s.indices(n)))
+
+
+@dataclass
+class ForwardCounter:
+    """``with ForwardCounter(model) as c:`` counts every ``model(...)`` call made inside:
+    ``calls``, ``rows`` (sequences: a call on a batch of B counts B), ``flops`` (``call_flops``;
+    padding included). Observes only."""
+
+    model: object
+    calls: int = 0
+    rows: int = 0
+    flops: float = 0.0
+
+    def _hook(self, module, args, kwargs) -> None:
+        ids = args[0] if args else kwargs["input_ids"]
+        b, n = ids.shape
+        queries = _width(kwargs.get("fresh"), n)
+        logits = _width(kwargs.get("positions"), n)
+        self.calls += 1
+        self.rows += b
+        self.flops += b * call_flops(self.model.config, queries, n, logits)
+
+    def __enter__(self) -> ForwardCounter:
+        self._handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+class GenerationMeter:
+    """Measures generation: ``with meter.measure(n_samples): generate(...)`` times the block (the
+    GPU synchronized) and counts the model's forward passes; ``stats()`` sums every measured
+    block: samples, seconds, samples/s, forward passes per sample (a pass on a batch of B counts
+    for each of its B samples), TFLOP/s (``call_flops``)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.samples, self.seconds, self.rows, self.flops = 0, 0.0, 0, 0.0
+
+    @contextmanager
+    def measure(self, samples: int):
+        import torch
+
+        cuda = self.model.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.model.device)
+        start = time.perf_counter()
+        with ForwardCounter(self.model) as counter:
+            yield self
+        if cuda:
+            torch.cuda.synchronize(self.model.device)
+        self.seconds += time.perf_counter() - start
+        self.samples += samples
+        self.rows += counter.rows
+        self.flops += counter.flops
+
+    def stats(self) -> dict:
+        s = max(self.seconds, 1e-9)
+        return {"samples": self.samples, "seconds": round(self.seconds, 3),
+                "samples_per_s": round(self.samples / s, 4),
+                "forward_passes_per_sample": round(self.rows / max(self.samples, 1), 2),
+                "tflops": round(self.flops / s / 1e12, 4)}
+
+
+def merge_stats(stats: list[dict]) -> dict:
+    """One ``GenerationMeter.stats()``-shaped dict (with ``decode``) of several tasks' (a group's)."""
+    if len(stats) == 1:
+        return dict(stats[0])
+    samples, seconds = sum(s["samples"] for s in stats), sum(s["seconds"] for s in stats)
+    per_s = max(seconds, 1e-9)
+    return {"decode": stats[0]["decode"], "samples": samples, "seconds": round(seconds, 3),
+            "samples_per_s": round(samples / per_s, 4),
+            "forward_passes_per_sample": round(sum(s["forward_passes_per_sample"] * s["samples"] for s in stats)
+                                               / max(samples, 1), 2),
+            "tflops": round(sum(s["tflops"] * s["seconds"] for s in stats) / per_s, 4)}
