@@ -2,12 +2,12 @@
 job ran (``host``, a field of every record).
 
 Hydra's joblib launcher runs a sweep's jobs in ``n_jobs`` worker processes (loky: fresh interpreters,
-each reused for several jobs) and assigns them no GPU; ``submitit_local`` gives every job all of
-them. Here each worker, at the start of its first job and before anything in it touches CUDA, leases
+each reused for several jobs) and assigns them no GPU; ``submitit_local`` gives every job the same
+GPUs (``range(gpus_per_node)``). Here each worker, at the start of its first job and before anything in it touches CUDA, leases
 one id of the pool (the launching process's ``CUDA_VISIBLE_DEVICES``, else every GPU ``nvidia-smi -L``
 lists) with a non-blocking ``flock`` on ``<lock dir>/gpu-<id>.lock``, and sets ``CUDA_VISIBLE_DEVICES``
 to that id alone. It keeps the lease for its lifetime (sticky: CUDA cannot be re-pinned once used);
-the kernel drops the lock when the process exits, however it exits. Every job of a worker so sees
+the kernel drops the lock when the process exits, however it exits. So every job of a worker sees
 the same single GPU, as ``cuda:0``.
 """
 
