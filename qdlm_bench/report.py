@@ -345,6 +345,10 @@ def study_tables(frame: pd.DataFrame) -> list[pd.DataFrame]:
     groups = sorted(frame.groupby(["model", "baseline_key"], sort=False),
                     key=lambda g: (g[0][0], str(g[1]["created"].min())))
     tables = [study_table(rows.reset_index(drop=True), expected[rows["setting"].iat[0]]) for _, rows in groups]
+    if any(t.attrs["decode"] != "exact" for t in tables):  # a fast decoder in the report: every table names its decoder
+        for t in tables:
+            if "decode" not in t:
+                t.insert(2, "decode", t.attrs["decode"])
     return _name_tables(tables, [t.attrs["model"] + ("" if t.attrs["decode"] == "exact" else f" decode={t.attrs['decode']}")
                                  for t in tables])
 

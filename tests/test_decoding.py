@@ -16,6 +16,7 @@ from qdlm_bench.decoders.config import DecodeConfig
 from qdlm_bench.decoders.counting import ForwardCounter
 from qdlm_bench.decoders.samplers import generate
 from qdlm_bench.generation import GenerationConfig
+from qdlm_bench.models import DLLMConfig
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.transformer import KVCache
 from qdlm_bench.quant import QuantSpec
@@ -248,3 +249,56 @@ def test_a_cached_batch_of_one_decoder_never_serves_another(tmp_path):
                      cache=cache)
     assert again == outs["dual_cache"] and cache.hits == 2
     cache.close()
+
+
+def test_the_adapter_decodes_with_the_run_decoder_and_keeps_its_timings():
+    from lm_eval.api.instance import Instance
+
+    from qdlm_bench.evaluation import EvalSettings, adapter
+    from qdlm_bench.models.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = random_model(DLLMConfig(family="llada", vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=4, d_ff=64, mask_token_id=tok.convert_tokens_to_ids("<|mask|>"),
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    requests = [Instance(request_type="generate_until", doc={}, arguments=(q, {"until": []}), idx=0,
+                         metadata=("mini_math", i, 1)) for i, q in enumerate(["1+1=", "22+3=", "4*5="])]
+    stats = {}
+    for decode in (DecodeConfig(), DecodeConfig(cache="prefix", threshold=1e-9)):
+        settings = EvalSettings.from_dict({"generation": {"mini_math": {"gen_length": 16, "steps": 16,
+                                                                        "block_length": 8}}})
+        settings.decode = decode
+        lm = adapter.DiffusionLMAdapter(model, tok, settings)
+        lm.generate_until(requests)
+        stats[decode.label] = lm.generation_stats["mini_math"]
+    assert stats["exact"]["forward_passes_per_sample"] == 16 and stats["exact"]["samples"] == 3
+    fast = stats["prefix_cache+parallel1e-09"]
+    assert fast["decode"] == "prefix_cache+parallel1e-09" and fast["forward_passes_per_sample"] == 2  # a pass per block
+    assert fast["samples_per_s"] > 0 and fast["tflops"] > 0
+
+
+def test_the_report_names_each_table_decoder_and_adds_the_fast_decoding_table(tmp_path, capsys):
+    from qdlm_bench import report
+    from qdlm_bench.store import new_record
+
+    def make(method, decode, acc, seconds):
+        spec = {"model": {"name": "m"}, "method": {"name": method}, "tasks": ["mini_math"], "dtype": "float32",
+                "seed": 0, "quant": {"bits": "fp16" if method == "fp" else "w4a16g128", "exclude": []},
+                "eval": {"limit": 4, **({"decode": decode.as_dict()} if not decode.is_exact else {})}}
+        gen = {"decode": decode.label, "samples": 4, "seconds": seconds, "forward_passes_per_sample": 8}
+        return new_record(spec, status="done", metrics={"mini_math": {"metric": "exact_match,none", "value": acc,
+                                                                        "stderr": 0.1, "generation": gen}})
+
+    fast = DecodeConfig(cache="prefix", threshold=0.9)
+    records = [make("fp", DecodeConfig(), 0.75, 8.0), make("rtn", DecodeConfig(), 0.5, 8.0),
+               make("fp", fast, 0.75, 2.0), make("rtn", fast, 0.25, 4.0)]
+    tables = report.study_tables(report.records_frame(records))
+    assert [t.attrs["title"] for t in tables] == ["m", "m decode=prefix_cache+parallel0.9"]
+    assert [list(t["decode"]) for t in tables] == [["exact", "exact"], ["prefix_cache+parallel0.9"] * 2]
+    assert all(t[report.DROP].notna().all() for t in tables)  # each decoder's runs against its own FP
+    report.make_report(records, tmp_path, ["md"])
+    text = (tmp_path / "report.md").read_text()
+    assert "## Fast decoding: m" in text and "prefix cache + parallel decoding keeps FP" in text
+    assert (tmp_path / "fast-decoding-m.md").is_file()
+    exact_only = report.study_tables(report.records_frame(records[:2]))
+    assert "decode" not in exact_only[0]  # a store without fast decoders: the tables as before
