@@ -56,7 +56,7 @@ class Cost:
     tokens: int = 0
     flops: float = 0.0
     rows: int = 0
-    approx: bool = False  # an upper bound (Dream's alg=origin draws how many steps run)
+    approx: bool = False  # an upper bound (Dream's alg=origin; parallel decoding's confidences)
     by_kind: dict = field(default_factory=dict)  # {"generate"|"loglikelihood"|"is_greedy"|"rolling": passes}
     flops_by_kind: dict = field(default_factory=dict)
     probes: dict = field(default_factory=dict, repr=False)  # {kind: (flops of the part, Probe)}

@@ -538,7 +538,7 @@ def table(runs: list[RunPlan], rate: Rate | None) -> str:
     else:
         out.append("no time: give plan.throughput=<TFLOP/s>, plan.throughput=measure or plan.bench=<bench JSON>")
     if any(t.cost.approx for r in runs for t in r.tasks):
-        out.append("*: an upper bound (Dream's alg=origin draws how many steps run)")
+        out.append("*: an upper bound (Dream's alg=origin draws how many steps run; parallel decoding, one token per step)")
     if any(r.stand_in for r in runs):
         out.append(f"plan.tokenizer={runs[0].stand_in}: models without local files are planned with their family's "
                    "shape preset and the byte tokenizer, whose token counts exceed the models' BPE tokenizers' "

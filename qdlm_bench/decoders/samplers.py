@@ -14,8 +14,9 @@ With a cache, the block's first model call is a plain forward that also stores e
 (``models.transformer.KVCache``: after RoPE and the K/V quantizers, so a quantized model's cache
 holds its own quantized K/V); the other steps of the block run only ``fresh`` columns against it:
 ``prefix``: the block and everything after it; ``dual``: the block alone. ``refresh`` also refills
-it every that many calls. With ``refresh=1`` (LLaDA), or without cache and threshold, a decoder
-is the exact sampler, token for token.
+it every that many calls. With ``refresh=1`` a cached decoder is the exact sampler token for token
+(LLaDA; Dream, whose exact sampler decodes the whole answer as one block, at ``block_length =
+gen_length``); so is ``threshold > 1`` (one token per step) with LLaDA's ``steps = gen_length``.
 
 Deliberate differences from Fast-dLLM: padded prompts are hidden from attention (its LLaDA model
 passes no mask); a batch decides per row (its Dream threshold path reads row 0 only); for
