@@ -233,6 +233,11 @@ def test_two_processes_write_one_database_at_once(tmp_path):
     assert all(cache.get(cache.key("elbo", ([torch.tensor([i])],))) == [i / 7] for i in range(250))
 
 
+def test_a_request_cache_setting_that_is_not_a_boolean_is_refused():
+    with pytest.raises(runspec.ConfigError, match=r"eval.request_cache must be true or false, got 'maybe'"):
+        runspec.build(config(*OVERRIDES, "eval.request_cache=maybe"))
+
+
 def test_the_request_cache_setting_is_not_in_the_record_key():
     on, off = (runspec.build(config(*OVERRIDES, f"eval.request_cache={v}")) for v in ("true", "false"))
     assert spec_key(on.semantic()) == spec_key(off.semantic())

@@ -122,6 +122,8 @@ class EvalSettings:
             _check_keys(f"generation[{task!r}]", overrides, TASK_KEYS)
         _check_keys("generation_defaults", self.generation_defaults, GENERATION_KEYS)
         sandbox.check_mode(self.code_sandbox)
+        if not isinstance(self.request_cache, bool):
+            raise ValueError(f"request_cache must be true or false, got {self.request_cache!r}")
 
     def within(self, groups: Mapping[str, tuple[str, ...]]) -> EvalSettings:
         """A copy that knows the groups around the tasks being run (``tasks.group_chains``)."""
