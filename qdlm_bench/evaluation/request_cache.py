@@ -17,16 +17,16 @@ task's requests in one such call, so a kill inside a task would lose the whole t
 Layout: ``<store>/request_cache/<namespace>/<task>.sqlite``. The namespace (16 hex digits; each
 database's ``meta`` table describes it) is a hash of the quantized model
 (``RunSpec.quantization_key``), dtype, device type and name, torch version and the source of the
-code that computes a batch or the quantized model (``diffusion``, ``generation``, ``models``,
-``quant``, ``methods``, ``calibration``: a fixed method must not be served its old results): a
-cache of another model, precision, device or code never serves a run; each database also records its
-namespace and is refused when it differs. Each batch is one SQLite transaction, committed as it
-completes: a killed process (SIGKILL, OOM, a SLURM time limit) loses no finished batch. Commits are
-not synced to disk (``synchronous=OFF``: 0.3 ms a batch here, against 20 ms with a sync): a crash
-of the whole machine may corrupt the file, which is then rebuilt (below). The rollback journal,
-not WAL, is used: WAL needs every process of a database on one host, while a SLURM sweep's
-``store`` is shared by nodes; concurrent jobs take turns through SQLite's file locks (a writer
-waits up to ``BUSY_TIMEOUT_S``), which a network filesystem must support (NFSv4 does).
+code that computes a batch or the quantized model (``diffusion``, ``generation``, ``decoders``,
+``models``, ``quant``, ``methods``, ``calibration``: a fixed method must not be served its old
+results): a cache of another model, precision, device or code never serves a run; each database also
+records its namespace and is refused when it differs. Each batch is one SQLite transaction,
+committed as it completes: a killed process (SIGKILL, OOM, a SLURM time limit) loses no finished
+batch. Commits are not synced to disk (``synchronous=OFF``: 0.3 ms a batch here, against 20 ms with
+a sync): a crash of the whole machine may corrupt the file, which is then rebuilt (below). The
+rollback journal, not WAL, is used: WAL needs every process of a database on one host, while a SLURM
+sweep's ``store`` is shared by nodes; concurrent jobs take turns through SQLite's file locks (a
+writer waits up to ``BUSY_TIMEOUT_S``), which a network filesystem must support (NFSv4 does).
 
 The cache only saves time, so no trouble with it fails a run. An unusable database (truncated,
 not SQLite, another namespace or format) is moved aside (``<file>.broken-<ns>``, kept for
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from qdlm_bench import calibration, diffusion, generation, methods, models, quant
+from qdlm_bench import calibration, decoders, diffusion, generation, methods, models, quant
 from qdlm_bench.store import spec_key
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ CACHE_DIR = "request_cache"
 FORMAT = 1  # the layout of a database and of its values
 BUSY_TIMEOUT_S = 120.0
 # what computes a batch, and the quantized model it runs (``quantization_key`` names no code)
-_CODE = (diffusion, generation, models, quant, methods, calibration)
+_CODE = (diffusion, generation, decoders, models, quant, methods, calibration)
 
 
 # errors of a database that is sound but cannot be used now (else the file is moved aside)
