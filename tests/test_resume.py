@@ -304,6 +304,7 @@ def test_a_run_killed_inside_a_task_resumes_without_recomputing_finished_batches
     assert resumed["status"] == "done", resumed["error"]
     saved = sum(per_batch[k] for k in cached)
     assert resumed_calls.n == n_reference - saved
+    assert f"mini_math: the request cache {db} holds {done} batches" in caplog.text
     assert f"mini_math: {done} of {total} batches from the request cache {db}" in caplog.text
     # every metric and every sample's responses (log_samples), bit for bit; measurements (timings) aside
     assert results(resumed) == results(reference) == results(ResultStore(store).records()[0])

@@ -175,7 +175,8 @@ class TaskCache:
                 pass
 
     def __len__(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM batches").fetchone()[0]
+        row = self._run("SELECT count(*) FROM batches")
+        return row[0] if row else 0
 
     def key(self, kind: str, content) -> str:
         return content_key(kind, content)
@@ -230,14 +231,17 @@ class RequestCache:
 
     @contextmanager
     def task(self, task: str):
-        """The open ``TaskCache`` of ``task`` (None when it cannot be opened: warned); on exit, logs
-        how many batches it served."""
+        """The open ``TaskCache`` of ``task`` (None when it cannot be opened: warned). Logs how many
+        batches it holds when it holds any, and on exit how many it served."""
         try:
             cache = TaskCache(self.path_for(task), self.namespace)
         except (sqlite3.Error, OSError) as err:
             log.warning("request cache %s cannot be used (%s); %s runs without it", self.path_for(task), err, task)
             yield None
             return
+        if held := len(cache):
+            log.info("%s: the request cache %s holds %d batches; those of this run are read back", task or "(no task)",
+                     cache.path, held)
         try:
             yield cache
         finally:
