@@ -27,14 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from qdlm_bench import gpu_pool
 from qdlm_bench.paths import CONF_DIR
 from qdlm_bench.sweep_report import JOB_RECORD, OUTCOME, check_store
-from qdlm_bench.sweeper import job_runs, register_resolvers
+from qdlm_bench.sweeper import job_runs, register
 
 log = logging.getLogger("qdlm_bench")
 # output folders (conf/config.yaml); cached, so that a launcher's worker resolves the sweep folder to the
 # launching process's pid, as the config it was given (Hydra copies resolver caches into each job's config)
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("gpu_pool_size", gpu_pool.pool_size, replace=True)  # conf/hydra/launcher/local_gpus.yaml
-register_resolvers()  # ${checkpoint:...} (conf/experiment/qdlm_study.yaml)
+register()  # the sweeper plugin (conf/hydra/sweeper/qdlm.yaml) and ${checkpoint:...} (experiment qdlm_study)
 GROUPS = ("model", "method", "calib", "eval", "experiment", "dllmquant_ladder")  # conf/ folders
 BASELINE = ("auto", "skip")  # auto: each quantized job of a sweep makes sure its FP baseline record exists
 

@@ -34,9 +34,9 @@ def _hydra():
 
     if not OmegaConf.has_resolver("pid"):  # conf/config.yaml's output folders (as cli.py registers it)
         OmegaConf.register_new_resolver("pid", os.getpid)
-    from qdlm_bench.sweeper import register_resolvers
+    from qdlm_bench.sweeper import register
 
-    register_resolvers()
+    register()
     saved = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     if saved:
         GlobalHydra.instance().clear()

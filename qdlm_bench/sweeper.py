@@ -40,10 +40,18 @@ def checkpoint_folder(root: str | None, hub_id: str | None) -> str | None:
     return f"{str(root).rstrip('/')}/{hub_id}"
 
 
-def register_resolvers() -> None:
-    """The configs' resolvers that composing needs (``checkpoint``)."""
+def register() -> None:
+    """The configs' resolver ``checkpoint`` and the sweeper plugin (``hydra_plugins.qdlm_bench_sweeper``,
+    which Hydra's plugin scan misses in an editable install: its namespace path is an import hook).
+    The plugin's module is imported after Hydra's scan, which re-executes the module of BasicSweeper."""
+    from hydra.core.plugins import Plugins
+
     if not OmegaConf.has_resolver("checkpoint"):
         OmegaConf.register_new_resolver("checkpoint", checkpoint_folder)
+    plugins = Plugins.instance()  # the scan, first
+    from hydra_plugins.qdlm_bench_sweeper import QdlmSweeper
+
+    plugins.register(QdlmSweeper)
 
 
 def compose_job(loader, config: DictConfig, overrides: list[str], cache: dict) -> DictConfig:
