@@ -166,3 +166,14 @@ def test_the_plan_stands_in_for_absent_weights_only_when_told(capsys):
     assert (a["passes"], a["tokens"], a["flops"]) == (b["passes"], b["tokens"], b["flops"]) and a["flops"] > 0
     assert stand_in["throughput_by_kind"]["generate"] == 522.5  # the bench JSON's per-kind rate
     assert a["hours"] == pytest.approx(a["flops"] / 522.5e12 / 3600)
+
+
+def test_the_sweeps_check_sees_every_task_job(tmp_path):
+    out = run("-m", "tasks=[mini_math,nosuch_task]", "shard=task", f"store={tmp_path / 'results'}",
+              f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    text = out.stdout + out.stderr
+    assert out.returncode == 2 and "1 of the sweep's 2 jobs; no job was started" in text, text[-3000:]
+    assert "#1 tasks=[nosuch_task]" in text and not list(tmp_path.glob("results/*.json"))
+    out = run("-m", "tasks=[mini_math]", "shard=tasks", f"store={tmp_path / 'results'}",
+              f"hydra.sweep.dir={tmp_path / 'multirun2'}")
+    assert out.returncode == 2 and "shard='tasks'; use one of none, task" in out.stdout + out.stderr
