@@ -61,10 +61,16 @@ FAMILY_SHAPES = {"llada": "llada-8b", "dream": "dream-7b"}  # the shape preset o
 STATUS_TO_RUN, STATUS_DONE, STATUS_BASELINE = "to run", "in store", "baseline"
 
 
-def has_artifact(spec) -> bool:
-    """Whether the quantized model of ``spec`` is already saved (``artifacts/<hash>/``), so that its
-    run would skip calibration and quantization. Always False until artifacts exist."""
-    return False
+def has_artifact(spec, cfg: dict | None = None) -> bool:
+    """Whether the quantized model of ``spec`` is already saved, complete and current
+    (``<artifacts>/<quantization_key>/``, ``artifacts`` and ``store`` of the job's ``cfg``), so that its
+    run loads it instead of calibrating and quantizing. Reads JSON only; FP runs have none."""
+    if spec.method["name"] == "fp":
+        return False
+    from qdlm_bench.artifacts import ArtifactStore, root_of
+
+    root = root_of(cfg or {})
+    return root is not None and ArtifactStore(root).has(spec)
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -190,18 +196,33 @@ class RunPlan:
         return self.status in (STATUS_TO_RUN, STATUS_BASELINE)
 
 
-def plan_tasks(spec, progress=None, stand_in: str | None = None) -> list[TaskPlan]:
-    """Per task of ``spec`` (a RunSpec): examples after ``limit``, requests and their cost."""
+def plan_tasks(spec, progress=None, stand_in: str | None = None, builds: dict | None = None) -> list[TaskPlan]:
+    """Per task of ``spec`` (a RunSpec): examples after ``limit``, requests and their cost.
+    ``builds``: the tasks' requests, shared by the runs whose requests are built alike (the same
+    tokenizer, eval settings, tasks and seed; the model's shape and sampler only enter the cost)."""
     from qdlm_bench import cost
     from qdlm_bench.evaluation import requests as eval_requests
 
     cfg, tokenizer = model_files(spec.model, stand_in)
-    objs, settings = eval_requests.prepare_tasks(spec.tasks, spec.settings)
-    lm = planning_lm(cfg, tokenizer, settings)
-    by_task = eval_requests.build_requests(objs, settings, lm, progress=progress)
+    builds = {} if builds is None else builds
+    key = json.dumps([tokenizer_key(spec.model, stand_in), spec.eval, spec.tasks, spec.seed], sort_keys=True,
+                     default=str)
+    if key not in builds:
+        objs, settings = eval_requests.prepare_tasks(spec.tasks, spec.settings)
+        lm = planning_lm(cfg, tokenizer, settings)
+        builds[key] = (eval_requests.build_requests(objs, settings, lm, progress=progress), settings.groups)
+    by_task, groups = builds[key]
+    lm = planning_lm(cfg, tokenizer, spec.settings.within(groups))
     costs = cost.requests_cost(lm, [r for reqs in by_task.values() for r in reqs])
     return [TaskPlan(task, len({r.doc_id for r in reqs}), len(reqs), costs.get(task, Cost()))
             for task, reqs in by_task.items()]
+
+
+def tokenizer_key(model: dict, stand_in: str | None = None) -> str:
+    """What names the tokenizer ``model_files`` gives ``model``."""
+    if model.get("tokenizer") == "byte" or (stand_in == "byte" and not model.get("path") and not model.get("shape")):
+        return "byte"
+    return str(model.get("path") or model.get("hub_id"))
 
 
 def calibration_cost(spec, stand_in: str | None = None) -> tuple[Cost, int] | None:
@@ -231,6 +252,7 @@ def make_plan(overrides: list[str], multirun: bool, progress=None, stand_in: str
     planned: dict[str, int] = {}  # record key -> job number that runs it
     fp_planned: set[str] = set()  # baseline keys whose FP run is planned
     eval_cache: dict[str, list[TaskPlan]] = {}
+    builds: dict = {}  # requests shared by runs built alike (plan_tasks)
     fp_done: dict[str, set[str]] = {}  # store root -> baseline keys of its finished FP records
     jobs = sweep_jobs.expand(overrides, multirun)
     say(f"{len(jobs)} job(s)")
@@ -261,12 +283,12 @@ def make_plan(overrides: list[str], multirun: bool, progress=None, stand_in: str
             if spec.method["name"] == "fp":
                 fp_planned.add(base)
             run = RunPlan(job_num, job_overrides, spec.model["name"], spec.method["name"], spec.quant.name,
-                          key, status, artifact=has_artifact(spec), spec=spec, stand_in=stand_in)
+                          key, status, artifact=has_artifact(spec, job_cfg), spec=spec, stand_in=stand_in)
             ek = _eval_key(spec)
             if ek not in eval_cache:
                 name = spec.model["name"]
                 eval_cache[ek] = plan_tasks(spec, lambda t, name=name: say(f"building requests: {name} / {t}"),
-                                            stand_in)
+                                            stand_in, builds)
             run.tasks = eval_cache[ek]
             calib = None if run.artifact else calibration_cost(spec, stand_in)
             if calib:
