@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from qdlm_bench import calibration, pipeline, runspec
+from qdlm_bench import artifacts, calibration, pipeline, runspec
 from qdlm_bench.models.factory import load_fp_model
 from qdlm_bench.paths import CONF_DIR
 from qdlm_bench.report import slug
@@ -59,10 +59,11 @@ def load(spec: runspec.RunSpec):
     return load_fp_model(spec.model, spec.dtype, spec.device, spec.seed)
 
 
-def quantized(spec: runspec.RunSpec):
-    """A fresh copy of the run's model quantized by its method, as pipeline.execute does."""
-    model, tokenizer = load(spec)
-    pipeline.quantize(spec, model, tokenizer)
+def quantized(spec: runspec.RunSpec, cfg: dict | None = None):
+    """The run's model quantized by its method, as pipeline.execute gets it: loaded from its artifact
+    when one is saved (``artifacts`` and ``store`` of ``cfg``; default ``results/artifacts``), else
+    quantized, checked and saved there (``pipeline.quantized_model``)."""
+    model, _ = pipeline.quantized_model(spec, artifacts=artifacts.root_of(cfg or {}))
     return model.eval()
 
 

@@ -1,5 +1,10 @@
 """One run: validate → store check and lookup → load → calibrate → quantize → check → evaluate → record.
 
+A quantized model is computed once: it is saved as an artifact (``qdlm_bench.artifacts``, by default
+in the store's ``artifacts/``) and every later run, task job and analysis with the same quantization
+(``RunSpec.quantization_key``) loads it instead of calibrating and quantizing (``quantized_model``);
+the record says which artifact it used (``artifact: {key, path, loaded, saved}``).
+
 Before any work the store must be writable and the run's record file, if any, readable (else
 ConfigError: a record is never lost after the work, nor silently replaced unless ``force``). The
 key's lock (``ResultStore.lock``) is held from the "is it done?" check through the record write:
@@ -14,9 +19,12 @@ import logging
 import time
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 
 from qdlm_bench import methods
+from qdlm_bench import artifacts as artifacts_lib
 from qdlm_bench import calibration, evaluation, faults, runspec, tracking
+from qdlm_bench.artifacts import ArtifactError, ArtifactStore
 from qdlm_bench.evaluation import request_cache
 from qdlm_bench import gpu_pool
 from qdlm_bench.models.factory import load_fp_model
@@ -54,12 +62,72 @@ def quantize(spec: runspec.RunSpec, model, tokenizer, timings: dict | None = Non
     return info
 
 
-def execute(spec: runspec.RunSpec, timings: dict, store_root: str = "results") -> dict:
-    """Load, quantize and evaluate; returns the per-task metrics. Finished evaluation batches persist
-    under ``store_root`` (``evaluation.request_cache``) unless ``eval.request_cache`` is off."""
-    with timed(timings, "load_s"):
-        model, tokenizer = load_fp_model(spec.model, spec.dtype, spec.device, spec.seed)
-    quantize(spec, model, tokenizer, timings)
+def quantized_model(spec: runspec.RunSpec, timings: dict | None = None, artifacts: str | Path | None = None,
+                    force: bool = False, used: dict | None = None):
+    """``(model, tokenizer)``: the run's FP model quantized by its method (an FP run: the FP model).
+
+    With ``artifacts`` (a folder; None: none is read or written) the quantized model is loaded from
+    its artifact ``<artifacts>/<spec.quantization_key()>/`` when one is saved, complete and current
+    (``timings["artifact_load_s"]``; no calibration, quantization or check); else it is quantized and
+    checked (``quantize``), then saved there (``artifact_save_s``), under the key's lock: a process
+    needing it meanwhile waits, then loads it. ``force`` quantizes again and replaces the artifact
+    (unless another process did just that while this one waited). A numerical fault fails before
+    anything is saved; a model the format cannot describe, a write error or any other failure to
+    save costs only the artifact (a warning, and ``used["artifact"]["error"]``). ``used["artifact"]`` gets ``{key, path, loaded, saved}``."""
+    timings = {} if timings is None else timings
+    if spec.method["name"] == "fp" or artifacts is None:
+        with timed(timings, "load_s"):
+            model, tokenizer = load_fp_model(spec.model, spec.dtype, spec.device, spec.seed)
+        if spec.method["name"] != "fp":
+            quantize(spec, model, tokenizer, timings)
+        return model, tokenizer
+    store, key = ArtifactStore(artifacts), spec.quantization_key()
+    info = {"key": key, "path": str(store.path_for(key)), "loaded": False, "saved": False}
+    if used is not None:
+        used["artifact"] = info
+    for attempt in range(2):
+        manifest = None if force else store.find(spec)
+        if manifest is None:
+            earlier = (store.manifest(key) or {}).get("id")
+            with store.lock(key) as waited:
+                found = store.find(spec, quiet=True)
+                if found is not None and (not force or waited and found["id"] != earlier):
+                    manifest = found  # saved by another process while this one waited
+                else:
+                    with timed(timings, "load_s"):
+                        model, tokenizer = load_fp_model(spec.model, spec.dtype, spec.device, spec.seed)
+                    method_info = quantize(spec, model, tokenizer, timings)
+                    try:
+                        with timed(timings, "artifact_save_s"):
+                            saved = store.save(spec, model, method_info, timings.get("quantize_s"))
+                        info["saved"] = True
+                        log.info("saved artifact %s (%s, %.1f MB)", info["path"], saved["format"],
+                                 saved["sizes"]["artifact_bytes"] / 1e6)
+                    except Exception as err:  # the artifact is a saving, the quantized model is the run's
+                        info["error"] = f"{type(err).__name__}: {err}"
+                        log.warning("artifact %s not saved: %s", key, info["error"])
+                    return model, tokenizer
+        try:
+            with timed(timings, "artifact_load_s"):
+                model, tokenizer, _ = store.load(spec, manifest=manifest)
+        except (ArtifactError, OSError, ValueError, KeyError) as err:  # its files changed under it
+            if attempt:
+                raise
+            log.warning("artifact %s could not be loaded (%s: %s); quantizing again", key, type(err).__name__, err)
+            force = True
+            continue
+        info["loaded"] = True
+        log.info("loaded the quantized model from artifact %s", info["path"])
+        return model, tokenizer
+    raise AssertionError("unreachable")
+
+
+def execute(spec: runspec.RunSpec, timings: dict, store_root: str = "results", artifacts: str | Path | None = None,
+            force: bool = False, used: dict | None = None) -> dict:
+    """Load and quantize (or load the run's artifact: ``quantized_model``), then evaluate; returns the
+    per-task metrics. Finished evaluation batches persist under ``store_root``
+    (``evaluation.request_cache``) unless ``eval.request_cache`` is off."""
+    model, tokenizer = quantized_model(spec, timings, artifacts, force, used)
     log.info("evaluating %s", ", ".join(spec.tasks))
     with timed(timings, "evaluate_s"):
         return evaluation.run(model, tokenizer, spec.tasks, spec.settings, request_cache.for_run(spec, store_root))
@@ -100,7 +168,7 @@ def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str 
             log.info("skipping %s: %s by another process while waiting (%s)", label, now.get("status"),
                      store.path_for(key))
             return now
-        record = _execute_and_record(spec, semantic, store, sweep)
+        record = _execute_and_record(spec, semantic, store, sweep, artifacts_root(cfg, store_root), force)
     try:
         wandb_logger.log_record(record)
     except Exception as err:  # the record is the result; wandb is a copy of it
@@ -121,25 +189,34 @@ def _lookup(store: ResultStore, key: str, force: bool, quiet: bool = False) -> d
         return None
 
 
-def _execute_and_record(spec: runspec.RunSpec, semantic: dict, store: ResultStore, sweep: str | None) -> dict:
+def _execute_and_record(spec: runspec.RunSpec, semantic: dict, store: ResultStore, sweep: str | None,
+                        artifacts: Path | None = None, force: bool = False) -> dict:
     """Execute the run and write its record; returns the record as read back from its file."""
     timings: dict = {}
+    used: dict = {}  # the artifact the run loaded or saved (quantized_model)
     fields = dict(sweep=sweep, device=spec.device, dtype=spec.dtype, seed=spec.seed)
     fields["host"] = gpu_pool.host()  # where it ran: hostname, pid, visible GPUs, leased GPU, SLURM ids
     with timed(timings, "total_s"):
         try:
-            metrics = execute(spec, timings, store.root)
+            metrics = execute(spec, timings, store.root, artifacts, force, used)
             status, error, fault = "done", None, None
         except Exception as exc:  # recorded, so that a sweep goes on
             metrics, status, error = {}, "failed", traceback.format_exc()
             found = faults.find(exc)
             fault = found.as_dict() if found is not None else None
             log.error("run failed: %s", str(found) if found is not None else error.strip().splitlines()[-1])
+    fields["artifact"] = used.get("artifact")  # {key, path, loaded, saved}; None for FP runs
     record = new_record(semantic, status=status, error=error, fault=fault, metrics=metrics, timings=timings,
                         **fields)
     path = store.write(record, replace_corrupt=True)  # an unreadable file here was accepted by _lookup
     log.info("wrote %s (%s)", path, status)
     return store.load(path)
+
+
+def artifacts_root(cfg: dict, store_root: str | Path) -> Path | None:
+    """Where a run's quantized models are saved: ``cfg["artifacts"]`` (default ``artifacts``), a
+    relative path inside the store; None when disabled (``artifacts=null``)."""
+    return artifacts_lib.resolve_root(cfg.get("artifacts", artifacts_lib.DEFAULT_ROOT), store_root)
 
 
 def baseline_config(cfg: dict) -> dict:

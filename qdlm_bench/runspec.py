@@ -27,7 +27,7 @@ MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer",
                 "chat_template", "generation")
 # the top-level keys of conf/config.yaml (a key forced in with +key=... is refused)
 TOP_KEYS = ("model", "method", "calib", "eval", "bits", "quant", "tasks", "seed", "dtype", "device", "store",
-            "force", "decode", "baseline", "sweep", "shard", "checkpoints", "wandb")
+            "artifacts", "force", "decode", "baseline", "sweep", "shard", "checkpoints", "wandb")
 # the quant: section -> QuantSpec fields (besides the bit string)
 QUANT_OPTIONS = {"act_sym": "a_sym", "act_clip_ratio": "a_clip_ratio", "act_layers": "act_layers",
                  "exclude": "exclude", "lm_head": "lm_head"}

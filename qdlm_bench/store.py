@@ -221,26 +221,10 @@ class ResultStore:
         record = self.get(key)
         return record is not None and record.get("status") == "done"
 
-    @contextmanager
-    def lock(self, key: str) -> Iterator[bool]:
-        """Hold the exclusive lock of `key` (``flock`` on ``<root>/.locks/<key>.lock``, across
-        processes); yields whether another holder had to be waited for. Released on exit, or by
-        the kernel when the process dies. The descriptor is closed on exec (subprocesses never
-        hold it), but a child forked without exec while the lock is held shares it until it exits."""
-        folder = self.root / LOCK_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / f"{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)  # group-readable (umask)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                waited = False
-            except BlockingIOError:
-                log.info("waiting for %s (another process is running it)", key)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                waited = True
-            yield waited
-        finally:
-            os.close(fd)  # releases the lock
+    def lock(self, key: str):
+        """Hold the exclusive lock of `key` (``file_lock`` on ``<root>/.locks/<key>.lock``, across
+        processes); yields whether another holder had to be waited for."""
+        return file_lock(self.root / LOCK_DIR / f"{key}.lock", f"waiting for {key} (another process is running it)")
 
     def write(self, record: dict, replace_corrupt: bool = False) -> Path:
         """Atomically write `record`, group-readable, replacing an earlier record of the same spec;
@@ -282,6 +266,30 @@ class ResultStore:
             if record is not None and all(_matches(record.get(f), v) for f, v in where.items()):
                 found.append(record)
         return sorted(found, key=lambda r: str(r.get("created", "")))
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, waiting: str) -> Iterator[bool]:
+    """Hold the exclusive ``flock`` of ``path`` (created, group-readable under the umask, with its
+    folder), logging ``waiting`` when another process holds it; yields whether it had to be waited
+    for. Released on exit, or by the kernel when the process dies (a dead holder never blocks).
+    The descriptor is closed on exec (subprocesses never hold it), but a child forked without exec
+    while the lock is held shares it until it exits. ``ResultStore.lock`` (records) and
+    ``artifacts.ArtifactStore.lock`` (quantized models) are this lock on their own files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            log.info("%s", waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _umask() -> int:

@@ -6,7 +6,7 @@ import importlib
 import json
 import sys
 
-BENCHES = ("sampler", "forward", "quantize", "config_errors", "sandbox", "decode")
+BENCHES = ("sampler", "forward", "quantize", "config_errors", "sandbox", "decode", "artifact")
 
 
 def main(argv: list[str]) -> None:
