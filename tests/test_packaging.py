@@ -16,7 +16,9 @@ from qdlm_bench.evaluation import tasks
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ["qdlm_bench/methods/gptq.py", "qdlm_bench/methods/README.md", "qdlm_bench/conf/config.yaml",
             "qdlm_bench/conf/method/gptq.yaml", "qdlm_bench/tasks/mini_math.yaml", "qdlm_bench/tasks/mini_utils.py",
-            "qdlm_bench/tasks/mini/mini_math.jsonl", "qdlm_bench/cli.py"]
+            "qdlm_bench/tasks/mini/mini_math.jsonl", "qdlm_bench/cli.py", "qdlm_bench/conf/hydra/launcher/slurm.yaml",
+            "qdlm_bench/conf/hydra/sweeper/qdlm.yaml", "qdlm_bench/conf/decode/exact.yaml",
+            "qdlm_bench/conf/experiment/qdlm_study.yaml", "hydra_plugins/qdlm_bench_sweeper/__init__.py"]
 
 
 def test_wheel_holds_configs_tasks_models_and_methods_inside_the_package(tmp_path):
@@ -38,7 +40,7 @@ def test_wheel_holds_configs_tasks_models_and_methods_inside_the_package(tmp_pat
     packages = [p.relative_to(ROOT).as_posix() for p in ROOT.glob("qdlm_bench/**/__init__.py")]
     packages += [f"qdlm_bench/{p.relative_to(ROOT).as_posix()}" for p in ROOT.glob("methods/**/__init__.py")]
     assert models and not [n for n in EXPECTED + models + packages if n not in names]
-    assert all(n.startswith("qdlm_bench") for n in names)  # no top-level methods/, conf/ or tasks/
+    assert all(n.startswith(("qdlm_bench", "hydra_plugins/qdlm_bench_sweeper/")) for n in names)  # no top-level methods/, conf/ or tasks/
     assert "qdlm-bench = qdlm_bench.cli:main" in entry_points
 
 
