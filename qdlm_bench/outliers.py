@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = masked_windows(ids[:1], opt["surface_ratio"], fp.config.mask_token_id, spec.seed)[0][0]
     models: dict[str, Callable[[], nn.Module]] = {"fp": lambda: fp}
     if with_method and spec.method["name"] != "fp":
-        models[analysis.label(spec)] = lambda: analysis.quantized(spec)
+        models[analysis.label(spec)] = lambda: analysis.quantized(spec, cfg)
     results, surfaces, layers = {}, {}, opt["layers"]
     for label, make in models.items():
         model = make()

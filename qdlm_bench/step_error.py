@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_cfg = GenerationConfig(**{**spec.settings.generation_defaults,
                                   **{k: opt[k] for k in ("gen_length", "steps", "block_length")}})
     label = analysis.label(spec)
-    errors = step_errors(fp.eval(), analysis.quantized(spec), prompts, gen_cfg, spec.seed)
+    errors = step_errors(fp.eval(), analysis.quantized(spec, cfg), prompts, gen_cfg, spec.seed)
     out = Path(opt["out"] or analysis.default_out("step_error", f"{spec.model['name']}-{label}"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_error.json").write_text(json.dumps(
