@@ -180,6 +180,13 @@ def test_user_overrides_match_prefixes_and_groups():
 
 # ------------------------------------------------------------------------------ small items
 
+class FakeAdapter:
+    """Stands in for the lm-eval model: keeps the settings it was given, generates nothing."""
+
+    def __init__(self, model, tokenizer, settings, request_cache=None):
+        self.settings, self.generation_stats = settings, {}
+
+
 def test_fewshot_seed_is_lm_evals_unless_set(tmp_path, monkeypatch):
     from qdlm_bench.evaluation import harness
 
@@ -193,7 +200,7 @@ def test_fewshot_seed_is_lm_evals_unless_set(tmp_path, monkeypatch):
         return {"results": {"example_arith": {"exact_match,none": 0.5}}}
 
     monkeypatch.setattr(harness.lm_eval, "simple_evaluate", fake_evaluate)
-    monkeypatch.setattr(harness, "DiffusionLMAdapter", lambda model, tok, settings: settings)
+    monkeypatch.setattr(harness, "DiffusionLMAdapter", FakeAdapter)
     folder = example_copy(tmp_path / "mine")
     out = harness.run(None, None, ["example_arith"], EvalSettings(seed=3, include_path=str(folder)))
     assert out["example_arith"]["value"] == 0.5
@@ -213,11 +220,11 @@ def test_one_mmlu_subject_runs_alone_with_mmlus_settings(monkeypatch):
     seen = {}
 
     def fake_evaluate(model, tasks, **kwargs):
-        seen.update(settings=model, tasks=tasks)
+        seen.update(settings=model.settings, tasks=tasks)
         return {"results": {name: {"acc,none": 0.25}}}
 
     monkeypatch.setattr(harness.lm_eval, "simple_evaluate", fake_evaluate)
-    monkeypatch.setattr(harness, "DiffusionLMAdapter", lambda model, tok, settings: settings)
+    monkeypatch.setattr(harness, "DiffusionLMAdapter", FakeAdapter)
     assert harness.run(None, None, [name], EvalSettings(data_dir=str(DATA_DIR)))[name]["value"] == 0.25
     (task,) = seen["tasks"]
     assert len(task.eval_docs) == 100 and task.config.num_fewshot == 5
