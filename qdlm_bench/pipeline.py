@@ -168,7 +168,7 @@ def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str 
             log.info("skipping %s: %s by another process while waiting (%s)", label, now.get("status"),
                      store.path_for(key))
             return now
-        record = _execute_and_record(spec, semantic, store, sweep, artifacts_root(cfg, store_root), force)
+        record = _execute_and_record(spec, semantic, store, sweep, artifacts_lib.root_of(cfg, store_root), force)
     try:
         wandb_logger.log_record(record)
     except Exception as err:  # the record is the result; wandb is a copy of it
@@ -211,12 +211,6 @@ def _execute_and_record(spec: runspec.RunSpec, semantic: dict, store: ResultStor
     path = store.write(record, replace_corrupt=True)  # an unreadable file here was accepted by _lookup
     log.info("wrote %s (%s)", path, status)
     return store.load(path)
-
-
-def artifacts_root(cfg: dict, store_root: str | Path) -> Path | None:
-    """Where a run's quantized models are saved: ``cfg["artifacts"]`` (default ``artifacts``), a
-    relative path inside the store; None when disabled (``artifacts=null``)."""
-    return artifacts_lib.resolve_root(cfg.get("artifacts", artifacts_lib.DEFAULT_ROOT), store_root)
 
 
 def baseline_config(cfg: dict) -> dict:
