@@ -362,7 +362,7 @@ def mc_masks(n_target: int, mc_num: int, generator: torch.Generator) -> torch.Te
     return rank < counts[:, None]
 
 
-def _mc_rows(requests, order, mc_num: int, seed: int):
+def mc_rows(requests, order, mc_num: int, seed: int):
     """Yield (request index, clean sequence, mask) for every Monte-Carlo sample, request by request."""
     for i in order:
         prefix, target = requests[i]
@@ -373,7 +373,8 @@ def _mc_rows(requests, order, mc_num: int, seed: int):
             yield i, seq, m
 
 
-def _batched(it, n: int):
+def batched(it, n: int):
+    """Lists of ``n`` consecutive items of ``it`` (the last may be shorter)."""
     batch = []
     for item in it:
         batch.append(item)
@@ -391,8 +392,8 @@ def _elbo_losses(model, seqs: list[torch.Tensor], masks: list[torch.Tensor], n_t
     is_mask, _ = pad_rows(masks, False, left=False)
     ids, is_mask = ids.to(device), is_mask.to(device)
     noisy = ids.masked_fill(is_mask, model.config.mask_token_id)
-    logits = model(noisy, attention_mask=None if attn is None else attn.to(device))
-    ce = F.cross_entropy(logits[is_mask].float(), ids[is_mask], reduction="none").double()
+    logits = model(noisy, attention_mask=None if attn is None else attn.to(device), positions=is_mask)
+    ce = F.cross_entropy(logits.float(), ids[is_mask], reduction="none").double()
     rows = is_mask.nonzero()[:, 0]
     per_row = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, rows, ce)
     n_masked = is_mask.sum(1).double()
@@ -426,8 +427,8 @@ def loglikelihood(
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]) + len(requests[i][1]))
     totals = [0.0] * len(requests)
     n_batches = -(-len(requests) * mc_num // batch_size)
-    rows = _mc_rows(requests, order, mc_num, seed)
-    for batch in tqdm(_batched(rows, batch_size), total=n_batches, disable=not progress, desc="loglik"):
+    rows = mc_rows(requests, order, mc_num, seed)
+    for batch in tqdm(batched(rows, batch_size), total=n_batches, disable=not progress, desc="loglik"):
         idx, seqs, masks = zip(*batch)
         n_targets = [len(requests[i][1]) for i in idx]
         losses, _ = cached_batch(cache, "elbo", (seqs, masks, n_targets),

@@ -56,7 +56,7 @@ class RunSpec:
         """What defines the result (the store key hashes this); devices and paths excluded. Each
         task's definition enters by content (``eval.task_hashes``: YAML, helper code, data files)."""
         evals = {k: v for k, v in self.eval.items() if k not in (
-            "data_dir", "include_path", "batch_size", "code_sandbox", "progress", "request_cache")}
+            "data_dir", "include_path", "batch_size", "code_sandbox", "progress", "request_cache", "compile")}
         evals["task_hashes"] = task_defs.task_hashes(self.tasks, self.settings.data_dir, self.settings.include_path)
         if not self.decode.is_exact:  # an eval setting: the FP baseline of a row is the FP run with its decode
             evals["decode"] = self.decode.as_dict()

@@ -8,6 +8,7 @@ from torch import nn
 
 from qdlm_bench.diffusion import (
     GenerationConfig,
+    _elbo_losses,
     dream_tokens,
     generate,
     llada_tokens,
@@ -65,7 +66,7 @@ class Oracle(nn.Module):
     def forward(self, input_ids, attention_mask=None, positions=None):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.token] = 8.0
-        return logits if positions is None else logits[:, positions]
+        return logits if positions is None else logits[positions]  # the likelihood's [B, L] mask
 
 
 class MaskLover(nn.Module):
@@ -381,6 +382,29 @@ def test_batched_loglikelihood_equals_each_alone(model):
     assert batched == pytest.approx(alone, rel=1e-5)
     reordered = loglikelihood(model, REQUESTS[::-1], mc_num=6, batch_size=32, seed=7)
     assert reordered[::-1] == pytest.approx(batched, rel=1e-5)
+
+
+def test_elbo_runs_the_lm_head_on_masked_positions_only(model):
+    # the LM head sees one row per masked position, and the losses equal those computed from
+    # every column's logits (Dream's shift included)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    seqs, masks = [torch.tensor([3, 1, 4, 1, 5, 9]), torch.tensor([2, 6, 5])], [
+        torch.tensor([False, False, True, False, True, True]), torch.tensor([False, True, False])]
+    try:
+        with torch.no_grad():
+            losses = _elbo_losses(model, seqs, masks, [3, 2])
+    finally:
+        hook.remove()
+    assert seen == [4]
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9], [2, 6, 5, 62, 62, 62]])
+    is_mask = torch.tensor([[False, False, True, False, True, True], [False, True, False, False, False, False]])
+    attn = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        logits = model(ids.masked_fill(is_mask, MASK), attention_mask=attn)[is_mask]
+    ce = torch.nn.functional.cross_entropy(logits, ids[is_mask], reduction="none").double()
+    expected = torch.stack([ce[:3].sum() * 3 / 3, ce[3:].sum() * 2 / 1])
+    assert torch.allclose(losses, expected, rtol=1e-6)
 
 
 def test_one_token_elbo_is_the_exact_log_prob(model):

@@ -192,11 +192,11 @@ def test_wandb_logs_the_record_as_written(tmp_path, monkeypatch):
 
 
 def test_how_a_run_executes_never_changes_its_record_key():
-    """Batch size, the code sandbox, progress bars and paths decide how, not what: one record."""
+    """Batch size, the code sandbox, progress bars, compilation and paths decide how, not what: one record."""
     def key(*overrides):
         return spec_key(runspec.build(config("tasks=[mini_code]", *overrides)).semantic())
 
     default = key()
-    for override in ("eval.batch_size=3", "eval.code_sandbox=none", "+eval.progress=true"):
+    for override in ("eval.batch_size=3", "eval.code_sandbox=none", "+eval.progress=true", "eval.compile=true"):
         assert key(override) == default, override
     assert key("eval.mc_num=4") != default

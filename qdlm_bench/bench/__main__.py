@@ -6,7 +6,7 @@ import importlib
 import json
 import sys
 
-BENCHES = ("sampler", "forward", "quantize", "config_errors", "sandbox", "decode", "artifact")
+BENCHES = ("sampler", "likelihood", "forward", "quantize", "config_errors", "sandbox", "decode", "artifact", "runtime")
 
 
 def main(argv: list[str]) -> None:

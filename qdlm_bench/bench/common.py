@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from qdlm_bench.models.presets import random_model
@@ -51,3 +53,32 @@ def bench_model(shape: str, seed: int, compile: bool = False):
     if compile:
         compile_blocks(model)
     return model
+
+
+def kernel_profile(fn, top: int = 15) -> dict:
+    """Where one call of ``fn`` spends its time: its wall time, the summed time of the device's
+    kernels (on a CPU: of the operators), what is left (idle device, host work, syncs), and the
+    ``top`` kernels with their share of the kernel time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    wall = time.perf_counter() - start
+    if cuda:
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        us = [e.self_device_time_total for e in events]
+    else:
+        events = list(prof.key_averages())
+        us = [e.self_cpu_time_total for e in events]
+    total = sum(us) or 1.0
+    ranked = sorted(zip(events, us), key=lambda p: p[1], reverse=True)[:top]
+    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(total / 1e3, 1),
+            "not_in_kernels_ms": round(wall * 1e3 - total / 1e3, 1),
+            "top": [{"name": e.key[:90], "ms": round(t / 1e3, 3), "share": round(t / total, 4), "calls": e.count}
+                    for e, t in ranked]}

@@ -1,13 +1,14 @@
 """The sampler benchmark:
 
     python -m qdlm_bench.bench sampler [shape=llada-8b] [batch=16] [prompt_len=500]
-        [gen_length=256] [steps=256] [block_length=32] [baseline_prompts=2] [compile=0] [out=bench.json]
+        [gen_length=256] [steps=256] [block_length=32] [baseline_prompts=2] [compile=0] [profile=0]
+        [out=bench.json]
 
 sampler: our batched LLaDA sampler over ``batch`` prompts of about ``prompt_len`` tokens
 (lengths vary by ±5%, so padding is exercised) against the same sampler run one prompt at a
 time (the reference implementations' loop); reports samples/s of both, the speed-up, and the
 achieved TFLOP/s against the GPU's bf16 dense peak. ``compile=1`` compiles the blocks
-(``compile_blocks``) for both.
+(``compile_blocks``) for both. ``profile=1`` adds the profiler's top kernels of a batched run of one step per block.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from qdlm_bench.diffusion import GenerationConfig, generate
 
-from .common import bench_model, device_peak, forward_flops, parse_args, sync
+from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, sync
 
 
 def timed_generate(model, prompts, gen: GenerationConfig, batch_size: int) -> float:
@@ -31,7 +32,7 @@ def timed_generate(model, prompts, gen: GenerationConfig, batch_size: int) -> fl
 
 def run(argv: list[str]) -> dict:
     a = parse_args(argv, dict(shape="llada-8b", batch=16, prompt_len=500, gen_length=256, steps=256,
-                              block_length=32, baseline_prompts=2, compile=0, seed=0, out=""))
+                              block_length=32, baseline_prompts=2, compile=0, profile=0, seed=0, out=""))
     model = bench_model(a["shape"], a["seed"], a["compile"])
     device, dtype = model.device.type, model.dtype
     cfg = model.config
@@ -65,4 +66,10 @@ def run(argv: list[str]) -> dict:
         "achieved_tflops": round(achieved, 1),
         "peak_tflops_bf16": peak, "fraction_of_peak": peak and round(achieved / peak, 3),
     }
+    if a["profile"]:
+        blocks = a["gen_length"] // a["block_length"]  # one step per block: the real shapes, few steps
+        one_step = GenerationConfig(gen_length=a["gen_length"], steps=blocks, block_length=a["block_length"],
+                                    sampler="llada")
+        result["profile_one_step_per_block"] = kernel_profile(lambda: generate(model, prompts, one_step,
+                                                                     batch_size=a["batch"]))
     return result

@@ -17,8 +17,13 @@ def call_flops(cfg, queries: int, keys: int, logit_positions: int) -> float:
     return per_token * queries + attention + 2 * cfg.d_model * cfg.vocab_size * logit_positions
 
 
-def _width(s: slice | None, n: int) -> int:
-    return n if s is None else len(range(*s.indices(n)))
+def _width(s, n: int, rows: int = 1) -> float:
+    """Columns per row that ``s`` (None: all ``n``; a slice; a boolean [B, L] mask) selects."""
+    if s is None:
+        return n
+    if isinstance(s, slice):
+        return len(range(*s.indices(n)))
+    return int(s.sum()) / rows
 
 
 @dataclass
@@ -36,7 +41,7 @@ class ForwardCounter:
         ids = args[0] if args else kwargs["input_ids"]
         b, n = ids.shape
         queries = _width(kwargs.get("fresh"), n)
-        logits = _width(kwargs.get("positions"), n)
+        logits = _width(kwargs.get("positions"), n, b)
         self.calls += 1
         self.rows += b
         self.flops += b * call_flops(self.model.config, queries, n, logits)

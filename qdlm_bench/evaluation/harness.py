@@ -32,6 +32,7 @@ from lm_eval.tasks import TaskManager
 
 from qdlm_bench import sandbox
 from qdlm_bench.decoders.counting import merge_stats
+from qdlm_bench.models.transformer import compile_blocks
 
 from . import tasks as task_resolution
 from .adapter import DiffusionLMAdapter
@@ -116,6 +117,8 @@ def run(model, tokenizer, tasks: list[str], settings: EvalSettings | None = None
     settings = settings or EvalSettings()
     code_mode = check_sandbox(tasks, settings.code_sandbox, settings.include_path)
     objs, settings = prepare_tasks(tasks, settings)
+    if settings.compile:
+        compile_blocks(model)
     lm = DiffusionLMAdapter(model, tokenizer, settings, request_cache)
     with sandbox.using(settings.code_sandbox) if code_mode else contextlib.nullcontext():
         results = lm_eval.simple_evaluate(

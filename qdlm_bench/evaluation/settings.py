@@ -76,6 +76,9 @@ class EvalSettings:
     groups: {task: its groups, innermost first} of the tasks being run (``within``); the group that
         generates a task (mmlu_local's subjects) counts too, also when it runs alone.
     decode: the decoder of generation tasks (the run's ``decode``; ``decoders.config``), exact by default.
+    compile: ``torch.compile`` the model's blocks before evaluating (``compile_blocks``: norms, RoPE,
+        SwiGLU and quantizers fused around the matmuls); for GPU runs. Changes how, not what, is
+        computed (bf16 rounding may differ, as with ``batch_size``), so not in the record key.
     """
 
     batch_size: int = 16
@@ -93,6 +96,7 @@ class EvalSettings:
     progress: bool = False
     request_cache: bool = True
     code_sandbox: str = "auto"
+    compile: bool = False
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
     decode: DecodeConfig = field(default=EXACT, init=False, repr=False)
 
@@ -122,8 +126,9 @@ class EvalSettings:
             _check_keys(f"generation[{task!r}]", overrides, TASK_KEYS)
         _check_keys("generation_defaults", self.generation_defaults, GENERATION_KEYS)
         sandbox.check_mode(self.code_sandbox)
-        if not isinstance(self.request_cache, bool):
-            raise ValueError(f"request_cache must be true or false, got {self.request_cache!r}")
+        for name in ("request_cache", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def within(self, groups: Mapping[str, tuple[str, ...]]) -> EvalSettings:
         """A copy that knows the groups around the tasks being run (``tasks.group_chains``)."""

@@ -171,17 +171,18 @@ class DiffusionLM(nn.Module):
                 x = block(x, cos, sin, mask, kv)
         return self.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, positions: slice | None = None,
+    def forward(self, input_ids, attention_mask=None, positions: slice | torch.Tensor | None = None,
                 cache: KVCache | None = None, fresh: slice | None = None) -> torch.Tensor:
-        """Logits [B, L, V]; with ``positions``, only those columns (the LM head runs on them only).
+        """Logits [B, L, V]; with ``positions``, only those (the LM head runs on them only): a slice
+        of columns gives [B, n, V], a boolean [B, L] mask gives ``logits[positions]``, [N, V].
 
         ``cache`` (a ``KVCache``): without ``fresh``, the forward is the plain one and stores every
         block's K/V; with ``fresh = slice(a, b)`` (``a`` >= 1 for Dream, whose logits at ``a`` come
         from column ``a - 1``), only those columns run, against the cached K/V of the others, and
         ``positions`` (required) must lie in ``[a + shift, b)``.
         """
-        if fresh is not None and (cache is None or positions is None):
-            raise ValueError("fresh=... needs a cache and the positions whose logits to return")
+        if fresh is not None and (cache is None or not isinstance(positions, slice)):
+            raise ValueError("fresh=... needs a cache and the positions (a slice) whose logits to return")
         h = self.hidden_states(input_ids, attention_mask, cache, fresh)
         if self.config.shift_logits:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
@@ -190,6 +191,8 @@ class DiffusionLM(nn.Module):
             if positions.start < fresh.start + shift or positions.stop > fresh.stop:
                 raise ValueError(f"positions {positions} outside the fresh columns {fresh} (shift {shift})")
             positions = slice(positions.start - fresh.start, positions.stop - fresh.start)
+        if isinstance(positions, torch.Tensor):
+            return self.lm_head(h[positions])
         return self.lm_head(h if positions is None else h[:, positions])
 
 
