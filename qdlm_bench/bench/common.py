@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
+from qdlm_bench.generation import GenerationConfig
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.transformer import compile_blocks
 
@@ -29,6 +31,12 @@ def forward_flops(cfg, seq_len: int, logit_positions: int | None = None) -> floa
     per_token = 2 * (cfg.d_model * (2 * cfg.d_model + 2 * kv) + 3 * cfg.d_model * cfg.d_ff) * cfg.n_layers
     head = 2 * cfg.d_model * cfg.vocab_size * (seq_len if logit_positions is None else logit_positions)
     return per_token * seq_len + head + 4 * seq_len * seq_len * cfg.d_model * cfg.n_layers
+
+
+def warmup_config(gen: GenerationConfig) -> GenerationConfig:
+    """``gen`` with one step per block: a warm-up at the timed run's shapes (kernels, the allocator,
+    and compilation, which a new sequence length would otherwise trigger inside the timed run)."""
+    return replace(gen, steps=gen.gen_length // gen.block_length)
 
 
 def device_peak() -> tuple[str, float | None]:

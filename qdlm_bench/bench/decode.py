@@ -27,7 +27,7 @@ from qdlm_bench.decoders.counting import GenerationMeter
 from qdlm_bench.decoders.samplers import generate
 from qdlm_bench.generation import GenerationConfig
 
-from .common import bench_model, device_peak, parse_args
+from .common import bench_model, device_peak, parse_args, warmup_config
 
 DECODERS = {"exact": {}, "prefix_cache": {"cache": "prefix"}, "dual_cache": {"cache": "dual"},
             "parallel": {"parallel": True}, "prefix_cache_parallel": {"cache": "prefix", "parallel": True},
@@ -58,14 +58,14 @@ def run(argv: list[str]) -> dict:
     model = bench_model(a["shape"], a["seed"], a["compile"])
     gen = GenerationConfig(gen_length=a["gen_length"], steps=a["steps"], block_length=a["block_length"],
                            sampler="llada")
-    warm = GenerationConfig(gen_length=a["block_length"], steps=2, block_length=a["block_length"], sampler="llada")
+    warm = warmup_config(gen)
     prompts = random_prompts(model.config, max(batches), a["prompt_len"], a["seed"])
     gpu, peak = device_peak()
     result = {"bench": "decode", "args": a, "device": gpu, "dtype": str(model.dtype), "peak_tflops_bf16": peak}
     for batch in batches:
         some = prompts[: a["batch1_prompts"] if batch == 1 else batch]
         for d in decoders.values():  # kernels, allocator (and compilation) for every decoder's shapes
-            generate(model, some[:batch], warm, d, batch_size=batch)
+            generate(model, some, warm, d, batch_size=batch)
         rows, exact_tokens = {}, None
         for name, d in decoders.items():
             meter = GenerationMeter(model)

@@ -19,7 +19,7 @@ import torch
 
 from qdlm_bench.diffusion import GenerationConfig, generate
 
-from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, sync
+from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, sync, warmup_config
 
 
 def timed_generate(model, prompts, gen: GenerationConfig, batch_size: int) -> float:
@@ -43,9 +43,9 @@ def run(argv: list[str]) -> dict:
     prompts = [torch.randint(0, high, (int(n),), generator=g).tolist() for n in lengths]
     gen = GenerationConfig(gen_length=a["gen_length"], steps=a["steps"], block_length=a["block_length"],
                            sampler="llada")
-    warm = GenerationConfig(gen_length=a["block_length"], steps=2, block_length=a["block_length"], sampler="llada")
-    for n in (2, 1):  # kernels, allocator (and compilation) for both batch shapes
-        generate(model, prompts[:n], warm, batch_size=n)
+    warm = warmup_config(gen)
+    generate(model, prompts, warm, batch_size=a["batch"])  # the batched run's shapes
+    generate(model, prompts[:2], warm, batch_size=1)  # two lengths: compilation goes dynamic
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     batched_s = timed_generate(model, prompts, gen, batch_size=a["batch"])
@@ -67,9 +67,6 @@ def run(argv: list[str]) -> dict:
         "peak_tflops_bf16": peak, "fraction_of_peak": peak and round(achieved / peak, 3),
     }
     if a["profile"]:
-        blocks = a["gen_length"] // a["block_length"]  # one step per block: the real shapes, few steps
-        one_step = GenerationConfig(gen_length=a["gen_length"], steps=blocks, block_length=a["block_length"],
-                                    sampler="llada")
-        result["profile_one_step_per_block"] = kernel_profile(lambda: generate(model, prompts, one_step,
-                                                                     batch_size=a["batch"]))
+        result["profile_one_step_per_block"] = kernel_profile(lambda: generate(model, prompts, warm,
+                                                                               batch_size=a["batch"]))
     return result
