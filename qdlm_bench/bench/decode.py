@@ -3,7 +3,7 @@
     python -m qdlm_bench.bench decode [shape=llada-8b] [batches=1,16] [prompt_len=500]
         [gen_length=256] [steps=256] [block_length=32] [threshold=0.9]
         [decoders=exact,prefix_cache,dual_cache,parallel,prefix_cache_parallel,dual_cache_parallel]
-        [batch1_prompts=2] [compile=0] [seed=0] [out=bench.json]
+        [batch1_prompts=2] [compile=0] [profile=0] [seed=0] [out=bench.json]
 
 decode: every decoder of the ``decode`` axis (``qdlm_bench.decoders``; the names of conf/decode/,
 parallel ones at ``threshold``) generates for the same prompts of about ``prompt_len`` random tokens
@@ -11,7 +11,10 @@ parallel ones at ``threshold``) generates for the same prompts of about ``prompt
 ``model=llada_8b_random``; bf16 on GPU, fp32 on CPU), at each batch size of ``batches`` (``batch``
 prompts; ``batch1_prompts`` prompts one at a time at batch 1). Per batch size and decoder:
 samples/s, forward passes per sample, TFLOP/s (counted matmul FLOPs, padding included, per second),
-the speed-up over ``exact`` and the fraction of generated tokens equal to exact decoding's.
+the speed-up over ``exact`` and the fraction of generated tokens equal to exact decoding's; for
+``exact``, also the fraction of the GPU's bf16 dense peak it reaches with padding FLOPs not counted
+(as ``bench sampler``). ``profile=1`` adds, per batch size, the profiler's view of exact decoding
+with one step per block (``kernel_profile``: wall vs kernel time, top kernels).
 
 Random weights give near-uniform predictions: no confidence reaches a threshold like 0.9, so the
 parallel decoders unmask one token per step here (``forward_passes_per_sample`` shows it) and
@@ -27,7 +30,7 @@ from qdlm_bench.decoders.counting import GenerationMeter
 from qdlm_bench.decoders.samplers import generate
 from qdlm_bench.generation import GenerationConfig
 
-from .common import bench_model, device_peak, parse_args, warmup_config
+from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, warmup_config
 
 DECODERS = {"exact": {}, "prefix_cache": {"cache": "prefix"}, "dual_cache": {"cache": "dual"},
             "parallel": {"parallel": True}, "prefix_cache_parallel": {"cache": "prefix", "parallel": True},
@@ -52,7 +55,7 @@ def random_prompts(cfg, n: int, length: int, seed: int) -> list[list[int]]:
 def run(argv: list[str]) -> dict:
     a = parse_args(argv, dict(shape="llada-8b", batches="1,16", prompt_len=500, gen_length=256, steps=256,
                               block_length=32, threshold=0.9, decoders=",".join(DECODERS), batch1_prompts=2,
-                              compile=0, seed=0, out=""))
+                              compile=0, profile=0, seed=0, out=""))
     decoders = {name: decoder(name, a["threshold"]) for name in a["decoders"].split(",")}
     batches = [int(b) for b in a["batches"].split(",")]
     model = bench_model(a["shape"], a["seed"], a["compile"])
@@ -74,6 +77,9 @@ def run(argv: list[str]) -> dict:
             stats = meter.stats()
             if name == "exact":
                 exact_tokens = tokens
+                useful = sum(forward_flops(model.config, len(p) + gen.gen_length, gen.block_length)
+                             for p in some) * gen.steps
+                stats["fraction_of_peak_no_padding"] = peak and round(useful / stats["seconds"] / 1e12 / peak, 3)
             if exact_tokens is not None:
                 same = sum(t == e for row, ref in zip(tokens, exact_tokens) for t, e in zip(row, ref))
                 stats["same_tokens_as_exact"] = round(same / sum(map(len, exact_tokens)), 4)
@@ -81,5 +87,8 @@ def run(argv: list[str]) -> dict:
         if "exact" in rows:
             for stats in rows.values():
                 stats["speedup"] = round(stats["samples_per_s"] / rows["exact"]["samples_per_s"], 2)
+        if a["profile"]:
+            rows["exact_profile"] = kernel_profile(lambda: generate(model, some, warm, DecodeConfig(),
+                                                                    batch_size=batch))
         result[f"batch{batch}"] = rows
     return result
