@@ -128,9 +128,41 @@ def execute(spec: runspec.RunSpec, timings: dict, store_root: str = "results", a
     per-task metrics. Finished evaluation batches persist under ``store_root``
     (``evaluation.request_cache``) unless ``eval.request_cache`` is off."""
     model, tokenizer = quantized_model(spec, timings, artifacts, force, used)
+    import torch
+
+    model, info = with_runtime(spec, model, timings)
+    if used is not None:
+        used["runtime"] = info
     log.info("evaluating %s", ", ".join(spec.tasks))
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with timed(timings, "evaluate_s"):
-        return evaluation.run(model, tokenizer, spec.tasks, spec.settings, request_cache.for_run(spec, store_root))
+        metrics = evaluation.run(model, tokenizer, spec.tasks, spec.settings, request_cache.for_run(spec, store_root))
+    info["eval_peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
+    return metrics
+
+
+def with_runtime(spec: runspec.RunSpec, model, timings: dict):
+    """``(model, info)``: with ``runtime=real``, the model's quantized linears replaced by real low-bit
+    modules (``runtime.real.convert``; ``timings["runtime_convert_s"]``); the record's ``runtime``
+    ``info``: runtime, format, kernel, why a setting runs fake, weight bytes vs bf16 and a forward's
+    latency (``runtime.real.linear_bytes``, ``forward_latency``), for fake runs too."""
+    from qdlm_bench.runtime import real
+
+    info = {"runtime": spec.runtime, "format": None, "kernel": None, "fake_reason": None}
+    if spec.runtime == "real":
+        info.update(real.plan(spec.quant, spec.device, spec.dtype))
+        if info["format"]:
+            with timed(timings, "runtime_convert_s"):
+                info.update(real.convert(model, info["format"]))
+            log.info("runtime=real: %d linears on %s (%d kept fake)", info["layers_real"], info["kernel"],
+                     info["layers_fake"])
+        else:
+            log.info("runtime=real: %s runs fake: %s", spec.quant.name, info["fake_reason"])
+    info.update(real.linear_bytes(model))
+    info.update(real.forward_latency(model))
+    return model, info
 
 
 def run(cfg: dict, store_root: str = "results", force: bool = False, sweep: str | None = None,
@@ -206,6 +238,7 @@ def _execute_and_record(spec: runspec.RunSpec, semantic: dict, store: ResultStor
             fault = found.as_dict() if found is not None else None
             log.error("run failed: %s", str(found) if found is not None else error.strip().splitlines()[-1])
     fields["artifact"] = used.get("artifact")  # {key, path, loaded, saved}; None for FP runs
+    fields["runtime"] = used.get("runtime")  # runtime, format, kernel, weight bytes, latency (with_runtime)
     record = new_record(semantic, status=status, error=error, fault=fault, metrics=metrics, timings=timings,
                         **fields)
     path = store.write(record, replace_corrupt=True)  # an unreadable file here was accepted by _lookup

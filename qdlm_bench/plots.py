@@ -120,3 +120,29 @@ def drop_chart(table: pd.DataFrame, stem: Path) -> list[Path]:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save(fig, stem)
+
+
+def accuracy_memory_speed(points: list[dict], stem: Path, *, title: str) -> list[Path]:
+    """Accuracy against weight memory and against forward latency, one point per run (``points``:
+    ``label``, ``accuracy``, ``weight_gib``, ``forward_ms``, ``runtime``: fake runs as circles,
+    real runs as squares, the FP run as a star); none without points."""
+    if not points:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+    marker = {"fp": "*", "fake": "o", "real": "s"}
+    for ax, key, xlabel in ((axes[0], "weight_gib", "linear weights (GiB, as stored)"),
+                            (axes[1], "forward_ms", "forward latency (ms)")):
+        for p in points:
+            if p.get(key) is None or p.get("accuracy") is None:
+                continue
+            ax.scatter(p[key], p["accuracy"], marker=marker.get(p["runtime"], "o"), s=60 if p["runtime"] == "fp" else 36,
+                       label=p["runtime"])
+            ax.annotate(p["label"], (p[key], p["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean accuracy")
+    handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
+    axes[1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, stem)

@@ -130,6 +130,37 @@ def _differences(setups: list[dict]) -> str:
     return "; ".join(f"{k}: {' | '.join(s.get(k, '—') for s in setups)}" for k in keys) or "no difference"
 
 
+def runtime_points(records: Iterable[dict]) -> dict[str, list[dict]]:
+    """{model: points of ``plots.accuracy_memory_speed``}: the finished records that carry runtime
+    measurements (``record["runtime"]``: weight bytes, forward latency), accuracy the mean of their
+    higher-is-better task scores; the latest record of each (method, bits, runtime) wins."""
+    found: dict[str, dict] = {}
+    for record in sorted(records, key=lambda r: str(r.get("created"))):
+        rt = record.get("runtime") or {}
+        scores = [m.get("value") for m in (record.get("metrics") or {}).values()
+                  if isinstance(m.get("value"), (int, float)) and not lower_is_better(m.get("metric"))]
+        if record.get("status") != "done" or "linear_weight_bytes" not in rt or not scores:
+            continue
+        runtime = "fp" if record.get("method") == "fp" else rt.get("runtime", "fake")
+        if runtime == "real" and not rt.get("format"):
+            runtime = "fake"  # a setting without a kernel (W4A4/W4A8) ran fake
+        label = "fp" if runtime == "fp" else f"{record.get('method')} {record.get('bits')}" + (
+            f" {rt['format']}" if runtime == "real" else "")
+        found.setdefault(record.get("model"), {})[(label, runtime)] = {
+            "label": label, "runtime": runtime, "accuracy": sum(scores) / len(scores),
+            "weight_gib": rt["linear_weight_bytes"] / 2**30, "forward_ms": rt.get("forward_ms")}
+    return {model: list(points.values()) for model, points in found.items()}
+
+
+def runtime_figures(records: list[dict], out: Path, suffix: str = "") -> list[Path]:
+    """One accuracy-memory-speed figure per model (``<model>-runtime``), for records with runtime data."""
+    from qdlm_bench import plots
+
+    return [p for model, points in runtime_points(records).items()
+            for p in plots.accuracy_memory_speed(points, out / f"{slug(str(model))}{suffix}-runtime",
+                                                 title=f"{model}: accuracy vs weight memory vs forward latency")]
+
+
 def records_frame(records: Iterable[dict]) -> pd.DataFrame:
     """One row per record: META columns, then per task `<task>` (primary metric value),
     `<task>:stderr` and `<task>:metric` (the metric's name). FP records get bits "fp"."""
@@ -144,6 +175,8 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
         row["decode"] = decode_report.decode_label(record)
         if row["method"] == "fp":
             row["bits"] = "fp"
+        elif (record.get("spec") or {}).get("runtime") == "real":  # its own row, next to the fake run
+            row["method"] = f"{row['method']}+real"
         for task, result in (record.get("metrics") or {}).items():
             row[task], row[task + STDERR] = result.get("value"), result.get("stderr")
             row[task + METRIC] = result.get("metric")
@@ -489,6 +522,7 @@ def make_report(records: list[dict], out: Path, formats: Iterable[str] = tuple(F
             written.append(out / f"{table.attrs['name']}{suffix}.{FORMATS[fmt]}")
             _write(table, fmt, written[-1])
     figures = [p for t in tables for p in plots.drop_chart(t, out / f"{t.attrs['name']}{suffix}-drop")]
+    figures += runtime_figures(records, out, suffix)
     print(f"wrote {len(written) + len(figures)} files to {out}", file=sys.stderr)
     if logger is not None:
         logger.log_outputs(f"report{suffix}", "report", files=written + figures,

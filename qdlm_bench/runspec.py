@@ -27,7 +27,7 @@ MODEL_FIELDS = ("name", "family", "hub_id", "path", "zoo", "shape", "tokenizer",
                 "chat_template", "generation")
 # the top-level keys of conf/config.yaml (a key forced in with +key=... is refused)
 TOP_KEYS = ("model", "method", "calib", "eval", "bits", "quant", "tasks", "seed", "dtype", "device", "store",
-            "artifacts", "force", "decode", "baseline", "sweep", "shard", "checkpoints", "wandb")
+            "artifacts", "force", "decode", "runtime", "baseline", "sweep", "shard", "checkpoints", "wandb")
 # the quant: section -> QuantSpec fields (besides the bit string)
 QUANT_OPTIONS = {"act_sym": "a_sym", "act_clip_ratio": "a_clip_ratio", "act_layers": "act_layers",
                  "exclude": "exclude", "lm_head": "lm_head"}
@@ -51,6 +51,7 @@ class RunSpec:
     device: str
     seed: int
     decode: DecodeConfig = EXACT  # generation's decoder; in the key (under eval) only when not exact
+    runtime: str = "fake"  # fake | real (qdlm_bench.runtime.real); in the key only when real and quantized
 
     def semantic(self) -> dict:
         """What defines the result (the store key hashes this); devices and paths excluded. Each
@@ -61,8 +62,9 @@ class RunSpec:
         if not self.decode.is_exact:  # an eval setting: the FP baseline of a row is the FP run with its decode
             evals["decode"] = self.decode.as_dict()
         quantization = self.quantization()
+        runtime = {"runtime": self.runtime} if self.runtime != "fake" and not self.quant.is_fp else {}
         return {**{k: quantization[k] for k in ("model", "method", "calib", "quant") if k in quantization},
-                "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed}
+                "tasks": list(self.tasks), "eval": evals, "dtype": self.dtype, "seed": self.seed, **runtime}
 
     def quantization(self) -> dict:
         """What defines the quantized model: ``semantic`` without tasks and evaluation (the model's
@@ -268,6 +270,23 @@ def build(cfg: dict) -> RunSpec:
             raise ConfigError(f"task {task}: {err}") from None
     device = resolve_device(str(cfg["device"]))  # the first torch import: every check above is torch-free
     check_groups(quant, model)  # and the shape preset
+    dtype = resolve_dtype(str(cfg["dtype"]), device)
+    runtime = check_runtime(cfg.get("runtime", "fake"), quant, device, dtype)
     return RunSpec(calib=calib, model=model, method=method, options=options, quant=quant, tasks=tasks,
-                   eval=eval_cfg, settings=settings, dtype=resolve_dtype(str(cfg["dtype"]), device),
-                   device=device, seed=seed, decode=decode)
+                   eval=eval_cfg, settings=settings, dtype=dtype, device=device, seed=seed, decode=decode,
+                   runtime=runtime)
+
+
+def check_runtime(runtime, quant: QuantSpec, device: str, dtype: str) -> str:
+    """``runtime`` (fake | real); with real, a setting without a real kernel fails here, before loading
+    (``runtime.real.plan``)."""
+    from qdlm_bench.runtime import real
+
+    runtime = "fake" if runtime is None else str(runtime)
+    try:
+        real.check_runtime(runtime)
+        if runtime == "real":
+            real.plan(quant, device, dtype)
+    except real.RealRuntimeError as err:
+        raise ConfigError(str(err)) from None
+    return runtime
