@@ -3,7 +3,7 @@
     python -m qdlm_bench.bench decode [shape=llada-8b] [batches=1,16] [prompt_len=500]
         [gen_length=256] [steps=256] [block_length=32] [threshold=0.9]
         [decoders=exact,prefix_cache,dual_cache,parallel,prefix_cache_parallel,dual_cache_parallel]
-        [batch1_prompts=2] [compile=0] [profile=0] [seed=0] [out=bench.json]
+        [batch1_prompts=2] [compile=0] [profile=0] [zoo=] [seed=0] [out=bench.json]
 
 decode: every decoder of the ``decode`` axis (``qdlm_bench.decoders``; the names of conf/decode/,
 parallel ones at ``threshold``) generates for the same prompts of about ``prompt_len`` random tokens
@@ -17,8 +17,10 @@ the speed-up over ``exact`` and the fraction of generated tokens equal to exact 
 with one step per block (``kernel_profile``: wall vs kernel time, top kernels).
 
 Random weights give near-uniform predictions: no confidence reaches a threshold like 0.9, so the
-parallel decoders unmask one token per step here (``forward_passes_per_sample`` shows it) and
-their speed-up on a trained model is the data's (records of real runs hold it).
+parallel decoders unmask one token per step there (``forward_passes_per_sample`` shows it).
+``zoo=<name>`` (e.g. ``zoo=tiny-llada-instruct``) runs a trained model of the zoo instead, on its
+mini_math questions in the task's prompt format (``prompt_len`` unused): parallel decoding then
+unmasks what the model is confident of, so its speed-up is measured, at the zoo model's size.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from qdlm_bench.decoders.config import DecodeConfig
 from qdlm_bench.decoders.counting import GenerationMeter
 from qdlm_bench.decoders.samplers import generate
 from qdlm_bench.generation import GenerationConfig
+from qdlm_bench.models.transformer import compile_blocks
 
 from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, warmup_config
 
@@ -52,17 +55,38 @@ def random_prompts(cfg, n: int, length: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, high, (int(k),), generator=g).tolist() for k in lengths]
 
 
+def zoo_model_and_prompts(name: str, n: int, device: str):
+    """A trained zoo model (bf16 on GPU, fp32 on CPU) and ``n`` mini_math questions as its task prompts."""
+    import json
+
+    from qdlm_bench.models.checkpoint import load_model
+    from qdlm_bench.paths import TASKS_DIR, ZOO_DIR
+
+    if not (ZOO_DIR / name).is_dir():
+        raise SystemExit(f"no zoo model {name!r}; shipped: {sorted(p.name for p in ZOO_DIR.iterdir())}")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tokenizer = load_model(ZOO_DIR / name, dtype=dtype, device=device)
+    lines = (TASKS_DIR / "mini" / "mini_math.jsonl").read_text().splitlines()[:n]
+    texts = [f"Question: {json.loads(line)['question']}\nAnswer:" for line in lines]
+    return model.eval(), [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
 def run(argv: list[str]) -> dict:
     a = parse_args(argv, dict(shape="llada-8b", batches="1,16", prompt_len=500, gen_length=256, steps=256,
                               block_length=32, threshold=0.9, decoders=",".join(DECODERS), batch1_prompts=2,
-                              compile=0, profile=0, seed=0, out=""))
+                              compile=0, profile=0, zoo="", seed=0, out=""))
     decoders = {name: decoder(name, a["threshold"]) for name in a["decoders"].split(",")}
     batches = [int(b) for b in a["batches"].split(",")]
-    model = bench_model(a["shape"], a["seed"], a["compile"])
+    if a["zoo"]:
+        model, prompts = zoo_model_and_prompts(a["zoo"], max(batches), "cuda" if torch.cuda.is_available() else "cpu")
+        if a["compile"]:
+            compile_blocks(model)
+    else:
+        model = bench_model(a["shape"], a["seed"], a["compile"])
+        prompts = random_prompts(model.config, max(batches), a["prompt_len"], a["seed"])
     gen = GenerationConfig(gen_length=a["gen_length"], steps=a["steps"], block_length=a["block_length"],
                            sampler="llada")
     warm = warmup_config(gen)
-    prompts = random_prompts(model.config, max(batches), a["prompt_len"], a["seed"])
     gpu, peak = device_peak()
     result = {"bench": "decode", "args": a, "device": gpu, "dtype": str(model.dtype), "peak_tflops_bf16": peak}
     for batch in batches:
