@@ -30,6 +30,7 @@ decode batch 1. A compact table is printed on stderr; the JSON goes to stdout an
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -143,14 +144,14 @@ def measure(model, fmt: str, a: dict, ids: torch.Tensor, prompts: list, sizes: d
         cache = KVCache(len(model.blocks))
         with torch.inference_mode():
             model(sub, cache=cache)  # fills the cache (a full forward over the sequence)
-        step = lambda: model(sub, positions=cols, cache=cache, fresh=cols)  # noqa: E731
+        step = functools.partial(model, sub, positions=cols, cache=cache, fresh=cols)
         row[f"decode_b{b}"] = timed(step, a["warmup"], a["repeats"], sizes["model_gib"])
         if a["graphs"] and torch.cuda.is_available():  # the same forward replayed from a CUDA graph
             try:
                 row[f"decode_b{b}_graph"] = timed(cuda_graph(step), a["warmup"], a["repeats"], sizes["model_gib"])
             except Exception as err:  # noqa: BLE001 - recorded; the eager numbers stand
                 row[f"decode_b{b}_graph"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-        del cache
+        del step, cache
     if a["e2e"]:
         gen = GenerationConfig(gen_length=a["gen_length"], steps=a["steps"], block_length=block, sampler="llada")
         warm = GenerationConfig(gen_length=block, steps=2, block_length=block, sampler="llada")
