@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,9 +57,73 @@ class QuantLinear(nn.Module):
         self.input_transform = input_transform
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        return F.linear(self.act_quant(x), self.weight, self.bias)
+        return F.linear(self.prepared_input(x), self.weight, self.bias)
+
+    def prepared_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``act_quant(input_transform(x))``, computed once for linears that read one input.
+
+        q/k/v_proj read one tensor, and gate/up_proj another, through the same transform (none,
+        or DuQuant's shared ``BlockRotation``) and equal quantizer settings: the last result in
+        this thread is reused when ``x`` is the very tensor it was computed from (same object, and
+        same version counter where the tensor has one), with the same transform module and the
+        same quantizer settings, so the values are those a fresh computation gives. Not reused
+        when a hook watches the transform or the quantizer (``outliers`` hooks each linear's
+        ``act_quant``; ``faults`` every module) or under ``torch.compile``. The entry holds only
+        a weak reference to ``x`` and is dropped with it."""
+        transform, aq = self.input_transform, self.act_quant
+        if transform is None and aq.bits >= 16:
+            return x
+        key = (transform, aq.bits, aq.sym, aq.clip_ratio, aq.grid)
+        shared = (type(aq) is ActQuantizer and aq.head_range is None and not _hooked(aq) and not _hooked(transform)
+                  and not torch.compiler.is_compiling())
+        if shared:
+            hit = _LAST.get(x, key)
+            if hit is not None:
+                return hit
+        out = aq(x if transform is None else transform(x))
+        if shared:
+            _LAST.put(x, key, out)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}"
+
+
+def _hooked(module: nn.Module | None) -> bool:
+    """Whether a forward hook would see ``module`` run (its own hooks, or global ones)."""
+    from torch.nn.modules import module as m
+    return (module is not None and bool(module._forward_pre_hooks or module._forward_hooks)) or bool(
+        m._global_forward_pre_hooks or m._global_forward_hooks)
+
+
+def _version(x: torch.Tensor) -> int | None:
+    try:
+        return x._version
+    except RuntimeError:  # an inference tensor has no version counter (nothing here writes to one in place)
+        return None
+
+
+class _LastInput(threading.local):
+    """One thread's last prepared input of a ``QuantLinear``: a weak reference to the input (the
+    entry dies with it), its version, the key (transform, quantizer settings) and the result."""
+
+    ref = version = key = out = None
+
+    def get(self, x: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        if self.ref is not None and self.ref() is x and self.key == key and self.version == _version(x):
+            return self.out
+        return None
+
+    def put(self, x: torch.Tensor, key: tuple, out: torch.Tensor) -> None:
+        self.clear()
+        self.ref, self.version, self.key, self.out = weakref.ref(x, self._drop), _version(x), key, out
+
+    def _drop(self, ref) -> None:
+        if self.ref is ref:
+            self.clear()
+
+    def clear(self) -> None:
+        self.ref = self.version = self.key = self.out = None
+
+
+_LAST = _LastInput()

@@ -108,7 +108,29 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 def fake_quant(x: torch.Tensor, bits: int, sym: bool, group_size: int | None = None,
                clip_ratio: float = 1.0, grid: str = "absmax") -> torch.Tensor:
-    """Quantize-dequantize ``x`` on ``grid`` per row (or per group of the last dim); same shape and dtype."""
+    """Quantize-dequantize ``x`` on ``grid`` per row (or per group of the last dim); same shape and dtype.
+
+    Bit for bit ``dequantize(quantize(g, scale, zero), scale, zero)`` (``fake_quant_reference``;
+    tests/test_quant_speed.py checks it for every grid, sign mode, width, clip ratio and group
+    size), with the same operations in the same order on one buffer, in place, instead of a
+    new tensor for each; symmetric grids (``zero == 0``) add ``0.0`` as a scalar (which turns a
+    rounded ``-0`` into ``+0`` as adding the zero tensor does) and skip subtracting it.
+    """
+    g = group(x, group_size)
+    scale, zero = quant_params(g, bits, sym, clip_ratio, grid)
+    lo, hi = qrange(bits, sym, grid)
+    q = torch.div(g, scale)  # a new buffer (g may be x itself); everything after runs in place
+    q.round_()
+    if sym:
+        q.add_(0.0).clamp_(lo, hi)
+    else:
+        q.add_(zero).clamp_(lo, hi).sub_(zero)
+    return ungroup(q.mul_(scale), x.shape[-1]).to(x.dtype)
+
+
+def fake_quant_reference(x: torch.Tensor, bits: int, sym: bool, group_size: int | None = None,
+                         clip_ratio: float = 1.0, grid: str = "absmax") -> torch.Tensor:
+    """``fake_quant`` spelled as its definition (``quantize`` then ``dequantize``), for the tests."""
     g = group(x, group_size)
     scale, zero = quant_params(g, bits, sym, clip_ratio, grid)
     return ungroup(dequantize(quantize(g, scale, zero, bits, sym, grid), scale, zero), x.shape[-1]).to(x.dtype)
