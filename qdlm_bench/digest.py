@@ -70,6 +70,15 @@ def file_digest(path: str | Path) -> str:
     return _MEMORY[key]
 
 
+def sources_digest(files) -> str:
+    """sha256 (hex) of source files, each ``(name, path)`` (in name order) by its name and its bytes:
+    what says that code changed (an artifact's, a request cache's)."""
+    digest = hashlib.sha256()
+    for name, path in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def object_digest(obj) -> str:
     """sha256 (hex) of a JSON-able object's canonical text."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

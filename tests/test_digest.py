@@ -59,3 +59,25 @@ def test_file_digest_is_sha256_and_cached_on_disk(tmp_path):
     path.write_bytes(data[::-1])
     digest._MEMORY.clear()
     assert digest.file_digest(path) == hashlib.sha256(data[::-1]).hexdigest()
+
+
+def test_sources_digest_sees_a_changed_byte_and_a_renamed_file_but_not_the_order(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    base = digest.sources_digest([("a.py", a), ("b.py", b)])
+    assert digest.sources_digest([("b.py", b), ("a.py", a)]) == base
+    assert digest.sources_digest([("a.py", a), ("c.py", b)]) != base
+    a.write_text("x = 2\n")
+    assert digest.sources_digest([("a.py", a), ("b.py", b)]) != base
+
+
+def test_artifacts_and_request_cache_hash_their_code_with_one_primitive(monkeypatch):
+    from qdlm_bench import artifacts
+    from qdlm_bench.evaluation import request_cache
+
+    seen = []
+    monkeypatch.setattr(artifacts, "sources_digest", lambda files: seen.append("artifacts") or "f" * 64)
+    monkeypatch.setattr(request_cache, "sources_digest", lambda files: seen.append("cache") or "e" * 64)
+    assert artifacts.code_fingerprint() == "f" * 16 and request_cache.code_digest() == "e" * 64
+    assert seen == ["artifacts", "cache"]

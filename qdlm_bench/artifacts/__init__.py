@@ -29,7 +29,6 @@ saving and loading. This module is torch-free; saving and loading import torch.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import json
 import logging
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from qdlm_bench import __version__
+from qdlm_bench.digest import sources_digest
 from qdlm_bench.store import collect_versions, file_lock
 
 log = logging.getLogger("qdlm_bench")
@@ -87,10 +87,7 @@ def code_fingerprint() -> str:
         path = package / part
         found = path.rglob("*.py") if path.is_dir() else [path] if path.is_file() else []
         files += [(p.relative_to(package).as_posix(), p) for p in found]
-    digest = hashlib.sha256()
-    for name, path in sorted(files):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()[:16]
+    return sources_digest(files)[:16]
 
 
 def _canonical(obj: Any) -> str:

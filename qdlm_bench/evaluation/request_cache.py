@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from qdlm_bench import calibration, decoders, diffusion, generation, methods, models, quant
+from qdlm_bench.digest import sources_digest
 from qdlm_bench.store import spec_key
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,12 @@ def unavailable(err: sqlite3.Error) -> bool:
 
 def code_digest() -> str:
     """sha256 of the sources of the modules and packages in ``_CODE``."""
-    h = hashlib.sha256()
+    files = []
     for module in _CODE:
         root = Path(module.__file__)
-        files = sorted(root.parent.rglob("*.py")) if root.name == "__init__.py" else [root]
-        for f in files:
-            h.update(f"{f.relative_to(root.parent.parent)}\0".encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
+        found = root.parent.rglob("*.py") if root.name == "__init__.py" else [root]
+        files += [(f.relative_to(root.parent.parent).as_posix(), f) for f in found]
+    return sources_digest(files)
 
 
 def describe(quantization_key: str, dtype: str, device: str) -> dict:
