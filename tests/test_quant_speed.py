@@ -170,3 +170,26 @@ def test_reinstalling_quantizers_keeps_sharing_exact():
             m.act_quant.register_forward_pre_hook(lambda *a: None)  # hooks switch sharing off
     with torch.no_grad():
         assert same_bits(out, model(IDS))
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", "w8a8"), ("quarot", "w4a4")])
+def test_forward_bench_times_a_quantized_embedded_shape_against_fp(method, bits):
+    from qdlm_bench.bench import forward
+    threads = torch.get_num_threads()
+    try:
+        result = forward.run(["shape=tiny-llada-instruct", f"bits={bits}", f"method={method}", "batch=2",
+                              "seq_len=16", "logits=4", "warmup=0", "repeats=2", "threads=1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["threads"] == 1 and result[method]["bits"] == bits
+    assert result["fp"]["ms"] > 0 and result[method]["ms"] > 0 and result["ratio"] > 0
+    assert result["timed_in_turns"] == (not torch.cuda.is_available())
+    assert 0 < result["logits_rel_err"] < 1  # quantized, and still close
+    assert result["target_ratio"] == (1.3 if bits == "w8a8" else 1.5)
+
+
+@pytest.mark.parametrize("arg,match", [("shape=tiny-nothing", "tiny-llada-instruct"), ("method=gptq", "rtn")])
+def test_forward_bench_names_what_it_runs(arg, match):
+    from qdlm_bench.bench import forward
+    with pytest.raises(SystemExit, match=match):
+        forward.run([arg, "bits=w8a8"])
