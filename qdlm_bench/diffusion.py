@@ -287,6 +287,7 @@ def generate(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     cache: BatchCache | None = None,
     decoder: Callable | None = None,
+    on_read_back: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Generate ``cfg.gen_length`` tokens after each prompt; returns only those, in prompt order.
 
@@ -300,6 +301,7 @@ def generate(
     ``cache``: a batch found there (same sampler, settings, padded input and ``generator`` state
     before it) is not sampled: its tokens and the generator state after it are restored, so the
     later batches draw what they would have (``on_step`` is not called for it). Needs ``generator``.
+    ``on_read_back(n)``, if given, is called with the number of prompts of each such batch.
 
     ``decoder``: a fast decoder (``decoders.samplers.Decoder``, with the samplers' signature and a
     ``label`` that keys its cached batches) instead of the family's exact sampler.
@@ -329,6 +331,8 @@ def generate(
             if not computed:
                 generator.set_state(torch.frombuffer(bytearray.fromhex(value["rng"]), dtype=torch.uint8))
                 bar.update(cfg.steps)
+                if on_read_back is not None:
+                    on_read_back(len(idx))
             for i, row in zip(idx, value["tokens"]):
                 out[i] = row
     return out

@@ -311,3 +311,26 @@ def test_a_run_killed_inside_a_task_resumes_without_recomputing_finished_batches
     print(f"\nresume: mini_math killed after {done} of {total} batches; {len(cached)} batches cached in all; "
           f"forward calls {n_reference} uninterrupted, {resumed_calls.n} resumed ({saved} saved); evaluation "
           f"{reference['timings']['evaluate_s']} s uninterrupted, {resumed['timings']['evaluate_s']} s resumed")
+
+
+def test_a_resumed_generation_counts_only_the_samples_it_generates(tmp_path):
+    from qdlm_bench.decoders.counting import GenerationMeter
+
+    model, cfg = tiny("llada"), GenerationConfig(gen_length=8, steps=8, block_length=4)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13], [14, 15]]  # batches of 2, 2, 1
+
+    def measured(cache):
+        meter = GenerationMeter(model)
+        with meter.measure(len(prompts)):
+            diffusion.generate(model, prompts, cfg, batch_size=2, generator=torch.Generator().manual_seed(0),
+                               cache=cache, on_read_back=meter.read_back)
+        return meter.stats()
+
+    cache = TaskCache(tmp_path / "t.sqlite", NAMESPACE)
+    first = measured(cache)
+    assert (first["samples"], first["read_back"], first["forward_passes_per_sample"]) == (5, 0, 8)
+    with sqlite3.connect(cache.path) as conn:  # the last batch (the longest prompt) is lost
+        conn.execute("DELETE FROM batches WHERE rowid = (SELECT max(rowid) FROM batches)")
+    resumed = measured(cache)
+    assert (resumed["samples"], resumed["read_back"], resumed["forward_passes_per_sample"]) == (1, 4, 8)
+    cache.close()

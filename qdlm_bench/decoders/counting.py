@@ -58,11 +58,17 @@ class GenerationMeter:
     """Measures generation: ``with meter.measure(n_samples): generate(...)`` times the block (the
     GPU synchronized) and counts the model's forward passes; ``stats()`` sums every measured
     block: samples, seconds, samples/s, forward passes per sample (a pass on a batch of B counts
-    for each of its B samples), TFLOP/s (``call_flops``)."""
+    for each of its B samples), TFLOP/s (``call_flops``). Samples that a resumed run reads back
+    from its request cache (``read_back(n)``, e.g. as ``generate``'s ``on_read_back``) are not
+    generated: they count as ``read_back``, not as samples."""
 
     def __init__(self, model):
         self.model = model
-        self.samples, self.seconds, self.rows, self.flops = 0, 0.0, 0, 0.0
+        self.samples, self.seconds, self.rows, self.flops, self.read_back_samples = 0, 0.0, 0, 0.0, 0
+
+    def read_back(self, n: int) -> None:
+        """``n`` of the samples being measured were read back, not generated."""
+        self.read_back_samples += n
 
     @contextmanager
     def measure(self, samples: int):
@@ -71,13 +77,13 @@ class GenerationMeter:
         cuda = self.model.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.model.device)
-        start = time.perf_counter()
+        start, before = time.perf_counter(), self.read_back_samples
         with ForwardCounter(self.model) as counter:
             yield self
         if cuda:
             torch.cuda.synchronize(self.model.device)
         self.seconds += time.perf_counter() - start
-        self.samples += samples
+        self.samples += samples - (self.read_back_samples - before)
         self.rows += counter.rows
         self.flops += counter.flops
 
@@ -86,7 +92,7 @@ class GenerationMeter:
         return {"samples": self.samples, "seconds": round(self.seconds, 3),
                 "samples_per_s": round(self.samples / s, 4),
                 "forward_passes_per_sample": round(self.rows / max(self.samples, 1), 2),
-                "tflops": round(self.flops / s / 1e12, 4)}
+                "tflops": round(self.flops / s / 1e12, 4), "read_back": self.read_back_samples}
 
 
 def merge_stats(stats: list[dict]) -> dict:
@@ -96,6 +102,7 @@ def merge_stats(stats: list[dict]) -> dict:
     samples, seconds = sum(s["samples"] for s in stats), sum(s["seconds"] for s in stats)
     per_s = max(seconds, 1e-9)
     return {"decode": stats[0]["decode"], "samples": samples, "seconds": round(seconds, 3),
+            "read_back": sum(s.get("read_back", 0) for s in stats),
             "samples_per_s": round(samples / per_s, 4),
             "forward_passes_per_sample": round(sum(s["forward_passes_per_sample"] * s["samples"] for s in stats)
                                                / max(samples, 1), 2),

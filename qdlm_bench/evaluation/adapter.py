@@ -170,7 +170,8 @@ class DiffusionLMAdapter(LM):
                   task_cache(self.request_cache, task) as cache, meter.measure(len(idx))):
                 tokens = decoding.generate(self.model, prompts, cfg, self.settings.decode,
                                            batch_size=self.settings.batch_size, generator=generator,
-                                           progress=self.settings.progress, on_step=bar.on_step, cache=cache)
+                                           progress=self.settings.progress, on_step=bar.on_step, cache=cache,
+                                           on_read_back=meter.read_back)
             self.generation_stats[task] = {"decode": self.settings.decode.label, **meter.stats()}
             for i, toks in zip(idx, tokens):
                 out[i] = cut_at_stops(self.decode(toks), requests[i].args[1].get("until"))
