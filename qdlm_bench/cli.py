@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qdlm_bench import gpu_pool
 from qdlm_bench.paths import CONF_DIR
-from qdlm_bench.sweep_report import JOB_RECORD, OUTCOME, check_store
+from qdlm_bench.sweep_report import JOB_INVALID, JOB_RECORD, OUTCOME, check_store
 from qdlm_bench.sweeper import job_runs, register
 
 log = logging.getLogger("qdlm_bench")
@@ -133,6 +133,7 @@ def run_job(cfg: DictConfig) -> None:
         if not multirun:
             sys.exit(2)
         OUTCOME["invalid"].append(str(err))  # the sweep goes on; its exit status will be 2
+        Path(HydraConfig.get().runtime.output_dir, JOB_INVALID).write_text(str(err))  # a worker's, for the sweep
         return
     finally:  # for the sweep report: the key of each record the job ran or found done, one per line
         if records:

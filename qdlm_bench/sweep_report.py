@@ -24,6 +24,7 @@ from qdlm_bench.store import CorruptRecordError, ResultStore
 from qdlm_bench.tracking import WandbLogger
 
 JOB_RECORD = "record.key"  # in each job's output folder: the keys of the records the job ran or skipped to
+JOB_INVALID = "invalid.txt"  # in a job's output folder: why its configuration was invalid (a launcher's worker)
 log = logging.getLogger("qdlm_bench")
 # what the command's exit status reports (cli.main): Hydra composed a config (so a Hydra exit 1 after it
 # is no configuration error), the keys of failed records, jobs whose configuration was invalid
@@ -134,6 +135,12 @@ def sweep_records(store: ResultStore, sweep_dir: Path, name: str) -> list[dict]:
     return sorted(found.values(), key=lambda r: str(r.get("created", "")))
 
 
+def invalid_jobs(sweep_dir: Path) -> list[str]:
+    """Why each of the sweep's jobs found its configuration invalid (``JOB_INVALID``): a job run by a
+    launcher's worker process cannot report it to the sweep's ``OUTCOME`` otherwise."""
+    return [p.read_text() for p in sorted(sweep_dir.glob(f"*/{JOB_INVALID}"))]
+
+
 def failed_jobs(store: ResultStore, sweep_dir: Path) -> list[dict]:
     """The failed records the sweep's jobs ran (each job's ``JOB_RECORD``)."""
     failed = []
@@ -177,6 +184,7 @@ class PrintSweepReport(Callback):
                                logger=WandbLogger(**wandb_cfg | {"group": str(name)}))
         failed = failed_jobs(store, Path(config.hydra.sweep.dir))
         OUTCOME["failed"] = sorted({*OUTCOME["failed"], *(r["key"] for r in failed)})
+        OUTCOME["invalid"] = sorted({*OUTCOME["invalid"], *invalid_jobs(Path(config.hydra.sweep.dir))})
         for record in failed:
             error = (record.get("error") or "").strip().splitlines()
             print(f"FAILED {record['model']} {record['method']} {record['bits']}: "

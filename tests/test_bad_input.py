@@ -96,3 +96,14 @@ def test_progress_bar_changes_no_generated_token():
         with_bar = generate(bar.on_step)
         assert bar.bar.n == pytest.approx(len(prompts))  # both batches counted, the last one whole
     assert with_bar == generate()
+
+
+def test_a_job_found_invalid_in_a_launcher_worker_reaches_the_sweep_exit_status(tmp_path):
+    # a worker process's OUTCOME is not the sweep's: the job leaves its reason in its folder
+    from qdlm_bench.sweep_report import JOB_INVALID, invalid_jobs
+
+    for num, reason in ((0, None), (1, "bits=w9a3: invalid"), (2, None), (3, "model=x: no such model")):
+        (tmp_path / str(num)).mkdir()
+        if reason:
+            (tmp_path / str(num) / JOB_INVALID).write_text(reason)
+    assert invalid_jobs(tmp_path) == ["bits=w9a3: invalid", "model=x: no such model"]
