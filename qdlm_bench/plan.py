@@ -73,6 +73,15 @@ def has_artifact(spec, cfg: dict | None = None) -> bool:
     return root is not None and ArtifactStore(root).has(spec)
 
 
+def artifact_slot(spec, cfg: dict) -> tuple[str, str] | None:
+    """``(artifacts root, quantization key)`` where the quantized model of ``spec`` is saved; None for
+    FP runs or with ``artifacts=null``. Runs of one sweep sharing it quantize once."""
+    from qdlm_bench.artifacts import root_of
+
+    root = root_of(cfg)
+    return None if root is None or spec.method["name"] == "fp" else (str(root), spec.quantization_key())
+
+
 # ------------------------------------------------------------------------------ arguments
 
 
@@ -254,6 +263,7 @@ def make_plan(overrides: list[str], multirun: bool, progress=None, stand_in: str
     eval_cache: dict[str, list[TaskPlan]] = {}
     builds: dict = {}  # requests shared by runs built alike (plan_tasks)
     fp_done: dict[str, set[str]] = {}  # store root -> baseline keys of its finished FP records
+    saving: set[tuple[str, str]] = set()  # (artifacts root, quantization key) an earlier planned run saves
     jobs = sweep_jobs.expand(overrides, multirun)
     say(f"{len(jobs)} job(s)")
     for num, job in enumerate(jobs, 1):
@@ -282,8 +292,13 @@ def make_plan(overrides: list[str], multirun: bool, progress=None, stand_in: str
             planned.setdefault(key, job_num)
             if spec.method["name"] == "fp":
                 fp_planned.add(base)
+            artifact = has_artifact(spec, job_cfg)
+            quantized = artifact_slot(spec, job_cfg)
+            if quantized is not None and status == STATUS_TO_RUN:
+                artifact = artifact or quantized in saving  # quantized and saved by an earlier run of the sweep
+                saving.add(quantized)
             run = RunPlan(job_num, job_overrides, spec.model["name"], spec.method["name"], spec.quant.name,
-                          key, status, artifact=has_artifact(spec, job_cfg), spec=spec, stand_in=stand_in)
+                          key, status, artifact=artifact, spec=spec, stand_in=stand_in)
             ek = _eval_key(spec)
             if ek not in eval_cache:
                 name = spec.model["name"]

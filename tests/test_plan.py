@@ -163,3 +163,15 @@ def test_bench_json_throughput():
     rate = plan.Rate(100.0, "test", {"generate": 50.0})
     c = cost.Cost(flops=3e14, flops_by_kind={"generate": 1e14, "loglikelihood": 2e14})
     assert rate.hours(c) * 3600 == pytest.approx(1e14 / 50e12 + 2e14 / 100e12)
+
+
+def test_runs_sharing_a_quantized_model_plan_its_quantization_once(tmp_path, capsys):
+    """Two task jobs (shard=task) of one GPTQ setting: the first calibrates, quantizes and saves the
+    artifact, the second loads it, so only the first carries calibration on the bill."""
+    common = [f"store={tmp_path / 'results'}", "method=gptq", "bits=w4a16g128", "eval.limit=2", "device=cpu",
+              "baseline=skip", "tasks=[mini_math,mini_code]", "shard=task"]
+    assert plan.main(["-m", *common, "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["status"], r["artifact"]) for r in runs] == [("to run", False), ("to run", True)]
+    assert plan.main(["-m", *common, "artifacts=null", "--json"]) == 0  # no artifacts: each run quantizes
+    assert [r["artifact"] for r in json.loads(capsys.readouterr().out)["runs"]] == [False, False]
