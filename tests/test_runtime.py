@@ -3,13 +3,15 @@ kernels (``qdlm_bench.runtime.real``) and computes what the fake-quantized model
 
 Tolerances (CPU, float32, the kernels' CPU paths):
 
-* one layer, int8 W8A8 (``torch._int_mm``) and int4 W4A16 (tinygemm for CPU): within 1e-5 of the
-  fake layer relative to its largest output (same integer codes, exact integer accumulation; the
-  difference is float32 summation order);
-* a whole model, int4: logits within 1e-4 of the fake model's, relative to the largest logit;
-* a whole model, int8: each layer is exact, but a float32 difference of 1e-7 can move an activation
-  across a rounding tie of the next layer's per-token quantizer (one code step), which later layers
-  carry: logits within 5e-2 relative (Frobenius) and the same argmax at >= 95% of positions.
+* one layer, int8 W8A8 (``torch._int_mm``): within 1e-5 of the fake layer relative to its largest
+  output (same integer codes, exact integer accumulation; the difference is float32 summation order);
+* one layer, int4 W4A16 (tinygemm for CPU, in bf16: its float32 path is ~70x slower than sgemm):
+  within 1e-2 of the fake layer (bf16 activations, scales, zeros and output), and so is the CUDA
+  dense path's dequantized weight (``Int4Linear.dequantized``, the learnt packing order);
+* a whole model: logits within 5e-2 relative (Frobenius) and the same argmax at >= 95% of
+  positions. int8: each layer is exact, but a float32 difference of 1e-7 can move an activation
+  across a rounding tie of the next layer's per-token quantizer (one code step), which later
+  layers carry; int4: bf16 rounding, layer after layer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_pipeline import config
 
 from qdlm_bench import pipeline, runspec
@@ -66,7 +69,8 @@ def test_int4_layer_equals_fake_layer(in_features, group):
     module = real.real_linear(layer, "int4", "layer")
     x = torch.randn(5, in_features)
     assert isinstance(module, real.Int4Linear)
-    assert rel(module(x), layer(x)) < 1e-5
+    assert rel(module(x), layer(x)) < 1e-2  # the kernel's bf16 activations, scales, zeros and output
+    assert rel(F.linear(x, module.dequantized()[:, :in_features].float()), layer(x)) < 1e-2  # the dense path
 
 
 def test_int8_layer_with_an_unquantized_input_stays_fake():
@@ -103,11 +107,8 @@ def test_real_model_logits_match_fake(model_name, method, bits):
         out = model(ids)
     assert info["layers_real"] == 7 * len(model.blocks) and info["layers_fake"] == 0
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
-    if fmt == "int4":
-        assert rel(out, fake) < 1e-4
-    else:
-        assert ((out - fake).norm() / fake.norm()).item() < 5e-2
-        assert (out.argmax(-1) == fake.argmax(-1)).float().mean().item() >= 0.95
+    assert ((out - fake).norm() / fake.norm()).item() < 5e-2
+    assert (out.argmax(-1) == fake.argmax(-1)).float().mean().item() >= 0.95
 
 
 def test_real_w4a16_weights_take_under_0_3_of_bf16():

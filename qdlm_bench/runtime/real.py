@@ -15,8 +15,8 @@ a torch core op (no hand-written CUDA, no extra package):
   GPTQ/AWQ produce): torch's tinygemm kernel ``aten._weight_int4pack_mm`` on CUDA (bf16 only) and
   ``aten._weight_int4pack_mm_for_cpu`` on CPU, the kernels torchao's int4 weight-only config calls.
   tinygemm's zero is a float offset, ``w = (q - 8) s + zero``: an integer zero point ``z`` maps to
-  ``zero = (8 - z) s`` (exact in real arithmetic; the scale and zero are stored in the activation
-  dtype, bf16 on the GPU: kernel rounding). An input width that is not a multiple of
+  ``zero = (8 - z) s`` (exact in real arithmetic; the kernel runs in bf16, on CPU too, where its
+  float32 path is ~70x slower than sgemm: activations, scales and zeros in bf16 are kernel rounding). An input width that is not a multiple of
   ``lcm(group, 16 inner_k_tiles)`` is zero-padded (weights and input), which changes nothing.
 * ``fp8`` (W8A8 e4m3, per-row scales; ``torch._scaled_mm``, CUDA sm89+): for the benchmark on
   random weights (``Fp8Linear.from_weight``) only. An int8 artifact's codes (up to 127) are not e4m3
@@ -163,7 +163,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.group_size, self.out_dtype = group_size, out_dtype
-        self.kernel_dtype = torch.bfloat16 if codes.is_cuda else out_dtype
+        self.kernel_dtype = torch.bfloat16  # CUDA: bf16 only; CPU: its fp32 path is ~70x slower than sgemm
         step = math.lcm(group_size, 16 * INNER_K_TILES)
         self.padded_in = -(-self.in_features // step) * step
         n_groups = self.padded_in // group_size
@@ -496,8 +496,7 @@ def forward_latency(model: nn.Module, batch: int = 1, seq_len: int = 256, repeat
     cfg = model.config
     seq_len = min(seq_len, getattr(cfg, "max_seq_len", seq_len) or seq_len)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, min(cfg.vocab_size, cfg.mask_token_id or cfg.vocab_size), (batch, seq_len),
-                        generator=g).to(model.device)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(model.device)
     cuda = model.device.type == "cuda"
     model(ids)
     if cuda:
