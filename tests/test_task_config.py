@@ -135,7 +135,7 @@ BEFORE = {
     "math500_local": (4, {"mc_num": 128, "gen_length": 256, "steps": 256, "block_length": 64}),
     "mbpp_local": (3, {"mc_num": 128, "gen_length": 512, "steps": 512, "block_length": 32}),
     "mini_code": (None, {"mc_num": 128}), "mini_math": (None, {"mc_num": 128}),
-    "mini_ppl": (None, {"mc_num": 8}), "mini_qa": (0, {"mc_num": 8}), "mmlu_local": (5, {"mc_num": 1}),
+    "mini_ppl": (None, {"mc_num": 8}), "mini_qa": (0, {"mc_num": 4}), "mmlu_local": (5, {"mc_num": 1}),
     "piqa_local": (0, {"mc_num": 128}), "wikitext_local": (None, {"mc_num": 32}),
     "winogrande_local": (5, {"mc_num": 128}),
 }
