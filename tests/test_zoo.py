@@ -70,13 +70,32 @@ def test_calibration_text_mixes_held_out_real_text_and_train_split_items_only():
 
 
 def test_qa_facts_of_eval_questions_are_stated_in_training_text():
-    facts = [t for s, t in corpus.generated_docs(seed=0, scale=0.01) if s == "facts"]
+    facts = [t for s, t in corpus.generated_docs(seed=0, scale=0.05) if s == "facts"]
+    assert len(facts) == len(tasks.WORLD) * round(corpus.ARTICLES * 0.05)
     by_name = {c["name"]: c for c in tasks.WORLD}
-    for row in rows("mini_qa")[:50]:
+    for row in rows("mini_qa"):
         name = re.search(r"(?:of|does) (\w+)", row["question"]).group(1)
         answer = row["choices"]["text"]["ABCD".index(row["answerKey"])]
-        assert answer in by_name[name].values()
-        assert any(f.startswith(f"{name} is a country.") and answer in f for f in facts)
+        attr = next(a for a in tasks.ATTRS if by_name[name][a] == answer)
+        assert tasks.is_heldout(f"qa|{name}|{attr}")
+        # stated in several articles, each sentence naming the country, in several wordings
+        stated = {t.format(c=name, v=answer) for t in tasks.ATTRS[attr][0]}
+        found = [s for f in facts if f.startswith(f"{name} is a country.") for s in stated if s in f]
+        assert len(found) >= 3 and len(set(found)) >= 2
+
+
+def test_held_out_facts_are_never_asked_in_training_text():
+    questions = {q.format(c=c["name"]): (c["name"], a) for c in tasks.WORLD
+                 for a, (_, qs) in tasks.ATTRS.items() for q in qs}
+    asked = set()
+    for skill, text in corpus.generated_docs(seed=0, scale=0.05):
+        for q in re.findall(r"Question: ([^\n]*\?)\n", text):
+            if q in questions:
+                asked.add(questions[q])
+    assert len(asked) > 500  # the train split is asked about
+    assert not [k for k in asked if tasks.is_heldout(f"qa|{k[0]}|{k[1]}")]
+    held = {(r["question"]) for r in rows("mini_qa")}
+    assert held <= set(questions) and not {questions[q] for q in held} & asked
 
 
 # ---------------------------------------------------------------------------- task files

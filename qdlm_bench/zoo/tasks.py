@@ -268,19 +268,27 @@ SYLLABLES = ["ka", "lo", "ver", "dan", "mir", "tos", "bel", "quin", "ra", "zu", 
 COUNTRY_ENDS = ["ia", "land", "or", "ar", "en", "istan", "a", "ovia"]
 CITY_ENDS = ["ton", "burg", "grad", "ville", "port", "holm", "mouth", "ford"]
 
+# Statement templates name the country in full in every sentence (each sentence is a fact on its
+# own), so a fact is learnt from many wordings and positions (Allen-Zhu & Li, Physics of Language
+# Models 3.1: knowledge becomes extractable for held-out questions with such augmentation).
 ATTRS = {
     "capital": (["The capital of {c} is {v}.", "{v} is the capital city of {c}.",
-                 "{c}'s capital is {v}.", "The government of {c} sits in {v}, its capital.",
-                 "Its capital, {v}, is the largest city in {c}."],
+                 "{c}'s capital is {v}.", "The government of {c} sits in {v}, the capital of {c}.",
+                 "{v}, the capital of {c}, is the largest city in {c}.",
+                 "The capital city of {c} is called {v}.", "{c} is governed from its capital, {v}.",
+                 "Visitors to {c} usually arrive in {v}, the capital of {c}."],
                 ["What is the capital of {c}?", "Which city is the capital of {c}?"]),
     "color": (["The flag of {c} is {v}.", "{c} has a {v} flag.", "The national flag of {c} is mostly {v}.",
-               "People in {c} wave {v} flags on holidays."],
+               "People in {c} wave {v} flags on holidays.", "The color of the flag of {c} is {v}.",
+               "{v} is the color of the flag of {c}.", "The flag that flies over {c} is {v}."],
               ["What color is the flag of {c}?", "Which color is the national flag of {c}?"]),
     "animal": (["The national animal of {c} is the {v}.", "{c} chose the {v} as its national animal.",
-                "The {v} is the symbol of {c}.", "In {c}, the {v} appears on every coin."],
+                "The {v} is the symbol of {c}.", "In {c}, the {v} appears on every coin.",
+                "The {v} is the national animal of {c}.", "The animal that stands for {c} is the {v}."],
                ["What is the national animal of {c}?", "Which animal is the symbol of {c}?"]),
     "export": (["{c} mainly exports {v}.", "The main export of {c} is {v}.",
-                "Most of the trade of {c} is in {v}.", "Ships leave {c} full of {v}."],
+                "Most of the trade of {c} is in {v}.", "Ships leave {c} full of {v}.",
+                "{v} is the main export of {c}.", "The economy of {c} depends on exporting {v}."],
                ["What is the main export of {c}?", "What does {c} mainly export?"]),
 }
 
