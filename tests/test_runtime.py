@@ -25,6 +25,7 @@ from test_pipeline import config
 
 from qdlm_bench import pipeline, runspec
 from qdlm_bench.bench import runtime as bench_runtime
+from qdlm_bench.evaluation import request_cache
 from qdlm_bench.quant.linear import QuantLinear
 from qdlm_bench.quant.quantizer import fake_quant
 from qdlm_bench.quant.spec import QuantSpec
@@ -132,6 +133,8 @@ def test_record_key_unchanged_for_fake_and_different_for_real():
     assert spec_key(fake.semantic()) == spec_key(old.semantic())
     assert spec_key(real_spec.semantic()) != spec_key(fake.semantic())
     assert real_spec.quantization_key() == fake.quantization_key()  # one artifact for both runtimes
+    caches = [request_cache.for_run(s, "store").folder for s in (fake, old, real_spec)]
+    assert caches[0] == caches[1] != caches[2]  # real runs never read back the fake run's generations
     fp = config("method=fp")
     assert spec_key(runspec.build({**fp, "runtime": "real"}).semantic()) == spec_key(runspec.build(fp).semantic())
 

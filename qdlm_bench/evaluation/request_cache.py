@@ -265,4 +265,7 @@ def for_run(spec, store_root: str | Path) -> RequestCache | None:
     ``eval.request_cache`` is off."""
     if not spec.settings.request_cache:
         return None
-    return RequestCache(store_root, describe(spec.quantization_key(), spec.dtype, spec.device))
+    description = describe(spec.quantization_key(), spec.dtype, spec.device)
+    if getattr(spec, "runtime", "fake") != "fake":  # real low-bit kernels compute other values than fake ones
+        description["runtime"] = spec.runtime
+    return RequestCache(store_root, description)
