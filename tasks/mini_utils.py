@@ -20,10 +20,12 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_mini(name: str, train: bool = False, **_) -> datasets.DatasetDict:
-    """Mini task ``name``: the test split from ``tasks/mini/<name>.jsonl`` and, with ``train``, the
-    training split (train-split items, disjoint from the test rows) from ``<name>_train.jsonl``."""
-    splits = {"test": _rows(MINI_DIR / f"{name}.jsonl")}
+def load_mini(name: str, train: bool = False, n_test: int | None = None, **_) -> datasets.DatasetDict:
+    """Mini task ``name``: the test split from ``tasks/mini/<name>.jsonl`` (its first ``n_test`` rows
+    when given) and, with ``train``, the training split (train-split items, disjoint from the test
+    rows) from ``<name>_train.jsonl``."""
+    rows = _rows(MINI_DIR / f"{name}.jsonl")
+    splits = {"test": rows[:n_test] if n_test else rows}
     if train:
         splits["train"] = _rows(MINI_DIR / f"{name}_train.jsonl")
     return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
