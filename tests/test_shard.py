@@ -107,7 +107,8 @@ def test_the_plan_expands_the_jobs_hydra_launches(tmp_path, monkeypatch):
 
     cases = {("method=fp,rtn", "tasks=[mini_math,mini_qa]", "shard=task"): 4,
              ("method=fp,rtn", "tasks=[mini_math,mini_qa]"): 2,
-             ("+experiment=dllmquant_ablation", "bits=w4a4kv4", "method.base=gptq", "shard=task"): 12}
+             # 6 ladder rungs x the 3 default tasks
+             ("+experiment=dllmquant_ablation", "bits=w4a4kv4", "method.base=gptq", "shard=task"): 18}
     for overrides, count in cases.items():
         launched.clear()
         monkeypatch.setattr(sys, "argv", ["run.py", "-m", *overrides, "~hydra.callbacks.report",
@@ -117,7 +118,7 @@ def test_the_plan_expands_the_jobs_hydra_launches(tmp_path, monkeypatch):
         jobs = sweep_jobs.expand(list(overrides))
         assert jobs == [[o for o in job if not o.startswith(("~hydra", "hydra"))] for job in launched]
         assert len(jobs) == count
-    assert [job[-1] for job in jobs[:2]] == ["tasks=[mini_math]", "tasks=[mini_code]"]  # the experiment's tasks
+    assert [job[-1] for job in jobs[:3]] == ["tasks=[mini_qa]", "tasks=[mini_math]", "tasks=[mini_code]"]
     single = sweep_jobs.expand(["tasks=[mini_math,mini_qa]", "shard=task"], multirun=False)
     assert single == [["shard=task", "tasks=[mini_math]"], ["shard=task", "tasks=[mini_qa]"]]
 
