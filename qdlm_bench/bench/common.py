@@ -52,6 +52,28 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn) -> float:
+    """Seconds one call of ``fn`` takes, queued GPU work included."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def random_tokens(cfg, n: int, g: torch.Generator) -> list[int]:
+    """``n`` random token ids below the mask token (and the vocabulary's end)."""
+    return torch.randint(0, min(cfg.vocab_size, cfg.mask_token_id), (n,), generator=g).tolist()
+
+
+def random_prompts(cfg, n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` random prompts of ``length`` tokens ±5%, so a batch of them is padded."""
+    g = torch.Generator().manual_seed(seed)
+    spread = max(1, length // 20)
+    lengths = torch.randint(length - spread, length + spread + 1, (n,), generator=g)
+    return [random_tokens(cfg, int(k), g) for k in lengths]
+
+
 def bench_model(shape: str, seed: int, compile: bool = False):
     """A random-weight model of ``shape`` in eval mode: bf16 on the GPU, fp32 on CPU;
     ``compile`` compiles its blocks (``compile_blocks``)."""

@@ -33,7 +33,8 @@ from qdlm_bench.decoders.samplers import generate
 from qdlm_bench.generation import GenerationConfig
 from qdlm_bench.models.transformer import compile_blocks
 
-from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, warmup_config
+from .common import (bench_model, device_peak, forward_flops, kernel_profile, parse_args, random_prompts,
+                     warmup_config)
 
 DECODERS = {"exact": {}, "prefix_cache": {"cache": "prefix"}, "dual_cache": {"cache": "dual"},
             "parallel": {"parallel": True}, "prefix_cache_parallel": {"cache": "prefix", "parallel": True},
@@ -45,14 +46,6 @@ def decoder(name: str, threshold: float) -> DecodeConfig:
         raise SystemExit(f"unknown decoder {name!r}; valid: {', '.join(DECODERS)}")
     spec = dict(DECODERS[name])
     return DecodeConfig(cache=spec.get("cache", "none"), threshold=threshold if spec.get("parallel") else None)
-
-
-def random_prompts(cfg, n: int, length: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    spread = max(1, length // 20)
-    lengths = torch.randint(length - spread, length + spread + 1, (n,), generator=g)
-    high = min(cfg.vocab_size, cfg.mask_token_id)
-    return [torch.randint(0, high, (int(k),), generator=g).tolist() for k in lengths]
 
 
 def zoo_model_and_prompts(name: str, n: int, device: str):

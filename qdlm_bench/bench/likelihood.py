@@ -16,25 +16,22 @@ the profiler's top CUDA kernels of one batch.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 from qdlm_bench.diffusion import batched, loglikelihood, mc_rows, pad_rows, pad_token_id
 
-from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, sync
+from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, random_tokens, timed
 
 
 def random_requests(cfg, n: int, prefix_len: int, target_len: int, seed: int):
+    """``n`` (prefix, target) pairs of random tokens, lengths ``prefix_len`` and ``target_len`` ±20%."""
     g = torch.Generator().manual_seed(seed)
-    high = min(cfg.vocab_size, cfg.mask_token_id)
 
     def length(mean: int) -> int:
         return max(1, int(mean * (0.8 + 0.4 * torch.rand((), generator=g))))
 
-    return [(torch.randint(0, high, (length(prefix_len),), generator=g).tolist(),
-             torch.randint(0, high, (length(target_len),), generator=g).tolist()) for _ in range(n)]
+    return [(random_tokens(cfg, length(prefix_len), g), random_tokens(cfg, length(target_len), g)) for _ in range(n)]
 
 
 def counted_flops(cfg, requests, mc_num: int, seed: int) -> float:
@@ -56,14 +53,6 @@ def full_head_losses(model, requests, mc_num: int, batch_size: int, seed: int) -
         noisy = ids.masked_fill(is_mask, model.config.mask_token_id)
         logits = model(noisy, attention_mask=None if attn is None else attn.to(model.device))
         F.cross_entropy(logits[is_mask].float(), ids[is_mask], reduction="none").sum().item()
-
-
-def timed(fn) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def run(argv: list[str]) -> dict:

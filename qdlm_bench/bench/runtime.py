@@ -46,7 +46,8 @@ from qdlm_bench.models.transformer import KVCache
 from qdlm_bench.runtime import real
 
 from .common import bench_model, device_peak, parse_args, sync
-from .decode import decoder, random_prompts
+from .common import random_prompts
+from .decode import decoder
 
 FORMATS = {"bf16": None, "int8": "W8A8 int8", "fp8": "W8A8 fp8 e4m3", "int4": "W4A16 int4"}
 TARGETS = {"w8a8_exact_speedup": 1.6, "w4a16_weight_ratio": 0.3, "w4a16_decode_b1_speedup": 1.0}

@@ -13,21 +13,12 @@ achieved TFLOP/s against the GPU's bf16 dense peak. ``compile=1`` compiles the b
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from qdlm_bench.diffusion import GenerationConfig, generate
 
-from .common import bench_model, device_peak, forward_flops, kernel_profile, parse_args, sync, warmup_config
-
-
-def timed_generate(model, prompts, gen: GenerationConfig, batch_size: int) -> float:
-    sync()
-    start = time.perf_counter()
-    generate(model, prompts, gen, batch_size=batch_size)
-    sync()
-    return time.perf_counter() - start
+from .common import (bench_model, device_peak, forward_flops, kernel_profile, parse_args, random_prompts, timed,
+                     warmup_config)
 
 
 def run(argv: list[str]) -> dict:
@@ -36,11 +27,7 @@ def run(argv: list[str]) -> dict:
     model = bench_model(a["shape"], a["seed"], a["compile"])
     device, dtype = model.device.type, model.dtype
     cfg = model.config
-    g = torch.Generator().manual_seed(a["seed"])
-    spread = max(1, a["prompt_len"] // 20)
-    lengths = torch.randint(a["prompt_len"] - spread, a["prompt_len"] + spread + 1, (a["batch"],), generator=g)
-    high = min(cfg.vocab_size, cfg.mask_token_id)
-    prompts = [torch.randint(0, high, (int(n),), generator=g).tolist() for n in lengths]
+    prompts = random_prompts(cfg, a["batch"], a["prompt_len"], a["seed"])
     gen = GenerationConfig(gen_length=a["gen_length"], steps=a["steps"], block_length=a["block_length"],
                            sampler="llada")
     warm = warmup_config(gen)
@@ -48,10 +35,10 @@ def run(argv: list[str]) -> dict:
     generate(model, prompts[:2], warm, batch_size=1)  # two lengths: compilation goes dynamic
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    batched_s = timed_generate(model, prompts, gen, batch_size=a["batch"])
+    batched_s = timed(lambda: generate(model, prompts, gen, batch_size=a["batch"]))
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     single = prompts[: a["baseline_prompts"]]
-    single_s = timed_generate(model, single, gen, batch_size=1)
+    single_s = timed(lambda: generate(model, single, gen, batch_size=1))
     # the sampler runs the LM head on the current block only; padding FLOPs are not counted
     flops = sum(forward_flops(cfg, len(p) + a["gen_length"], a["block_length"]) for p in prompts) * a["steps"]
     gpu, peak = device_peak()

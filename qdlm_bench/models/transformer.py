@@ -8,12 +8,18 @@ activation-quantization methods may replace; ``qk_rotate`` (identity) acts on Q 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import DLLMConfig
 
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -39,6 +45,58 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class PackedRows(NamedTuple):
+    """A left-padded batch as variable-length sequences for flash attention: ``cu_seqlens``
+    (int32) cuts the flattened ``B * L`` tokens into each row's padding and each row's real tokens
+    (empty pieces dropped), so a real token attends to its row's real tokens, with no mask, and a
+    padding token to its row's padding (what padded positions compute is never read)."""
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+
+def packed_rows(attention_mask: torch.Tensor) -> PackedRows | None:
+    """``PackedRows`` of a [B, L] mask (1 = real token) whose rows are left-padded; None otherwise."""
+    am = attention_mask.bool()
+    b, n = am.shape
+    pads = n - am.sum(-1)
+    cols = torch.arange(n, device=am.device)
+    if not torch.equal(am, cols[None] >= pads[:, None]):
+        return None
+    starts = torch.arange(b, device=am.device) * n
+    cuts = torch.cat([torch.stack([starts, starts + pads], 1).flatten(), starts.new_tensor([b * n])])
+    return PackedRows(torch.unique_consecutive(cuts).to(torch.int32), n)
+
+
+def _varlen_attn(q, k, v, rows: PackedRows, gqa: bool) -> torch.Tensor:
+    """Flash attention over ``rows`` (``torch.nn.attention.varlen``): [T, H, hd] in, [T, H, hd] out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    extra = {"enable_gqa": True} if gqa else {}
+    return varlen_attn(q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.max_len, rows.max_len, **extra)
+
+
+@functools.cache
+def varlen_supported(device: torch.device, dtype: torch.dtype, head_dim: int, gqa: bool) -> bool:
+    """Whether ``_varlen_attn`` runs here: a CUDA device, 16-bit floats, head_dim <= 256, GQA only
+    where this torch's ``varlen_attn`` takes ``enable_gqa``, and a probe call that succeeds."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or head_dim > 256:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    if gqa and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
+        return False
+    try:
+        t = torch.zeros(4, 2 if gqa else 1, head_dim, device=device, dtype=dtype)
+        _varlen_attn(t, t[:, :1] if gqa else t, t[:, :1] if gqa else t,
+                     PackedRows(torch.tensor([0, 1, 4], device=device, dtype=torch.int32), 3), gqa)
+    except Exception as err:  # noqa: BLE001 - a kernel this build lacks: the masked SDPA path stays
+        log.warning("variable-length flash attention unavailable here (%s); padded batches use masked SDPA", err)
+        return False
+    return True
 
 
 class LayerKV:
@@ -97,7 +155,7 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, kv: LayerKV | None = None):
+    def forward(self, x, cos, sin, attn_mask: torch.Tensor | PackedRows | None, kv: LayerKV | None = None):
         b, n, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
@@ -108,8 +166,13 @@ class Block(nn.Module):
         if kv is not None:
             k, v = kv.attend(k, v)
         gqa = self.n_heads != self.n_kv_heads
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-        x = x + self.o_proj(a.transpose(1, 2).reshape(b, n, -1))
+        if isinstance(attn_mask, PackedRows):
+            flat = [t.transpose(1, 2).reshape(b * n, -1, self.head_dim) for t in (q, k, v)]
+            a = _varlen_attn(*flat, attn_mask, gqa).view(b, n, -1)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            a = a.transpose(1, 2).reshape(b, n, -1)
+        x = x + self.o_proj(a)
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
@@ -141,6 +204,10 @@ class DiffusionLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    def packs_rows(self) -> bool:
+        cfg = self.config
+        return varlen_supported(self.device, self.dtype, cfg.head_dim, cfg.n_heads != cfg.n_kv_heads)
+
     def block_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """RoPE tables and attention mask shared by every block (for block-wise methods too)."""
         b, n = input_ids.shape
@@ -157,8 +224,12 @@ class DiffusionLM(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
                       fresh: slice | None = None) -> torch.Tensor:
-        """Final hidden states [B, L, d]; with ``cache`` and ``fresh``, of the columns ``fresh`` only."""
+        """Final hidden states [B, L, d]; with ``cache`` and ``fresh``, of the columns ``fresh`` only.
+        A left-padded batch without a cache runs variable-length flash attention where it exists
+        (``varlen_supported``; no mask for the kernel to apply), masked SDPA otherwise."""
         cos, sin, mask = self.block_context(input_ids, attention_mask)
+        if mask is not None and cache is None and self.packs_rows():
+            mask = packed_rows(attention_mask) or mask
         if fresh is not None:
             input_ids, cos, sin = input_ids[:, fresh], cos[:, :, fresh], sin[:, :, fresh]
             mask = None if mask is None else mask[:, :, fresh]
