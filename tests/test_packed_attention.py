@@ -1,6 +1,7 @@
-"""Padded batches through variable-length attention (``PackedRows``): the cuts, and the forward and
-the sampler equal to the masked-SDPA path. On a CPU the flash kernel is replaced by per-piece SDPA
-(what ``varlen_attn`` computes), so the packing around it is what is tested; on a GPU, the kernel."""
+"""Padded batches run packed (``PackedRows``: the real tokens only, variable-length attention): the
+cuts, and the forward and the sampler equal to the masked-SDPA path. On a CPU the flash kernel is
+replaced by per-piece SDPA (what ``varlen_attn`` computes), so the packing around it is what is
+tested; on a GPU, the kernel."""
 
 import pytest
 import torch
@@ -36,17 +37,12 @@ def reference_kernel(monkeypatch):
     return calls
 
 
-def test_packed_rows_cuts_each_row_into_padding_and_real_tokens():
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]])
+def test_packed_rows_cuts_the_real_tokens_by_row():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 1]])
     rows = packed_rows(mask)
     assert rows.cu_seqlens.dtype == torch.int32 and rows.max_len == 5
-    # row 0: pads [0, 2), real [2, 5); row 1: real [5, 10); row 2: all padding; row 3: pads, then 1 real
-    assert rows.cu_seqlens.tolist() == [0, 2, 5, 10, 15, 19, 20]
-
-
-def test_packed_rows_refuses_masks_that_are_not_left_padding():
-    assert packed_rows(torch.tensor([[1, 1, 0], [1, 1, 1]])) is None  # right padding
-    assert packed_rows(torch.tensor([[1, 0, 1]])) is None  # a hole
+    # 3 real tokens, 5, none (no empty piece), 2 (a hole: the row's real tokens, in order)
+    assert rows.cu_seqlens.tolist() == [0, 3, 8, 10]
 
 
 @pytest.mark.parametrize("shape", ["tiny-llada", "tiny-dream"])  # Dream: GQA and shifted logits
@@ -56,12 +52,15 @@ def test_packed_forward_equals_masked_sdpa(shape, monkeypatch, reference_kernel)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     mask[2, :1] = 0
+    mask[1, 4] = 0  # a hole: positions count real tokens only, on both paths
     with torch.no_grad():
         packed = model(ids, attention_mask=mask)
         assert len(reference_kernel) == model.config.n_layers  # the packed path ran, every block
+        assert reference_kernel[0].cu_seqlens.tolist() == [0, 7, 18, 29]
+        assert not model.hidden_states(ids, mask)[~mask.bool()].any()  # padded positions: zeros
         monkeypatch.setattr(transformer, "varlen_supported", lambda *a: False)
         masked = model(ids, attention_mask=mask)
-    assert len(reference_kernel) == model.config.n_layers
+    assert len(reference_kernel) == 2 * model.config.n_layers
     real = mask.bool()
     if model.config.shift_logits:  # a row's first real logits come from the pad column before it
         real[:, 1:] &= mask.bool()[:, :-1]

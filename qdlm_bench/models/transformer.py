@@ -48,25 +48,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class PackedRows(NamedTuple):
-    """A left-padded batch as variable-length sequences for flash attention: ``cu_seqlens``
-    (int32) cuts the flattened ``B * L`` tokens into each row's padding and each row's real tokens
-    (empty pieces dropped), so a real token attends to its row's real tokens, with no mask, and a
-    padding token to its row's padding (what padded positions compute is never read)."""
+    """The real tokens of a padded batch as one row of variable-length sequences for flash
+    attention: ``cu_seqlens`` (int32) marks where each batch row's tokens start in it, so a token
+    attends to its own row's tokens only, with no mask and no padding."""
     cu_seqlens: torch.Tensor
     max_len: int
 
 
-def packed_rows(attention_mask: torch.Tensor) -> PackedRows | None:
-    """``PackedRows`` of a [B, L] mask (1 = real token) whose rows are left-padded; None otherwise."""
-    am = attention_mask.bool()
-    b, n = am.shape
-    pads = n - am.sum(-1)
-    cols = torch.arange(n, device=am.device)
-    if not torch.equal(am, cols[None] >= pads[:, None]):
-        return None
-    starts = torch.arange(b, device=am.device) * n
-    cuts = torch.cat([torch.stack([starts, starts + pads], 1).flatten(), starts.new_tensor([b * n])])
-    return PackedRows(torch.unique_consecutive(cuts).to(torch.int32), n)
+def packed_rows(attention_mask: torch.Tensor) -> PackedRows:
+    """``PackedRows`` of the real tokens (1 in the [B, L] mask) of each row, in order."""
+    lengths = attention_mask.bool().sum(-1)
+    cuts = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    return PackedRows(torch.unique_consecutive(cuts).to(torch.int32), attention_mask.shape[1])
 
 
 def _varlen_attn(q, k, v, rows: PackedRows, gqa: bool) -> torch.Tensor:
@@ -225,11 +218,11 @@ class DiffusionLM(nn.Module):
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
                       fresh: slice | None = None) -> torch.Tensor:
         """Final hidden states [B, L, d]; with ``cache`` and ``fresh``, of the columns ``fresh`` only.
-        A left-padded batch without a cache runs variable-length flash attention where it exists
-        (``varlen_supported``; no mask for the kernel to apply), masked SDPA otherwise."""
+        A padded batch without a cache runs packed where variable-length flash attention exists
+        (``varlen_supported``; ``_packed_hidden_states``), with masked SDPA otherwise."""
         cos, sin, mask = self.block_context(input_ids, attention_mask)
         if mask is not None and cache is None and self.packs_rows():
-            mask = packed_rows(attention_mask) or mask
+            return self._packed_hidden_states(input_ids, attention_mask.bool(), cos, sin)
         if fresh is not None:
             input_ids, cos, sin = input_ids[:, fresh], cos[:, :, fresh], sin[:, :, fresh]
             mask = None if mask is None else mask[:, :, fresh]
@@ -241,6 +234,17 @@ class DiffusionLM(nn.Module):
             for block, kv in zip(self.blocks, cache.use(fresh)):
                 x = block(x, cos, sin, mask, kv)
         return self.norm(x)
+
+    def _packed_hidden_states(self, input_ids, keep, cos, sin) -> torch.Tensor:
+        """The real tokens (``keep`` [B, L]) of all rows as one row through the blocks, each row
+        attending to itself (``PackedRows``): no FLOP on padding. Padded positions come back zero."""
+        rows = packed_rows(keep)
+        cos, sin = (t[:, 0][keep][None, None] for t in (cos, sin))
+        x = self.embed(input_ids[keep])[None]
+        for block in self.blocks:
+            x = block(x, cos, sin, rows)
+        h = self.norm(x)[0]
+        return h.new_zeros(*keep.shape, h.shape[-1]).index_put_((keep,), h)
 
     def forward(self, input_ids, attention_mask=None, positions: slice | torch.Tensor | None = None,
                 cache: KVCache | None = None, fresh: slice | None = None) -> torch.Tensor:
