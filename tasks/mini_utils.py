@@ -29,3 +29,10 @@ def load_mini(name: str, train: bool = False, n_test: int | None = None, **_) ->
     if train:
         splits["train"] = _rows(MINI_DIR / f"{name}_train.jsonl")
     return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+
+
+def spaced_choices(doc: dict) -> list[str]:
+    """mini_qa's choices as running text has them, after a space (`` Paris``). Under a chat template
+    lm-eval drops the target delimiter, and a word at the start of a line is another BPE token
+    than the one the facts were read with; the choices carry their space, so both forms score it."""
+    return [" " + text for text in doc["choices"]["text"]]
