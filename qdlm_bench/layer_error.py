@@ -24,6 +24,7 @@ import torch
 from qdlm_bench import analysis, calibration
 from qdlm_bench.quant import fake_quant, linear_layers
 from qdlm_bench.methods.gptq import GPTQOptions, Hessian, gptq_quantize
+from qdlm_bench.models.transformer import unpacked
 
 OPTIONS = {"heldout": "prompts:mini_math+mini_code", "out": None}
 
@@ -38,10 +39,11 @@ def gram_matrices(model, calib: calibration.CalibSet, batch_size: int = 8) -> di
     hooks = [layer.register_forward_hook(lambda m, a, o, g=grams[name]: g.add(a[0], weights["w"]))
              for name, layer in layers.items()]
     try:
-        for batch in calib.batches(batch_size):
-            am = batch.attention_mask
-            weights["w"] = None if am is None else am.to(model.device)
-            model(batch.input_ids.to(model.device), None if am is None else am.to(model.device))
+        with unpacked(model):  # the hooks weight [B, L] inputs by the attention mask
+            for batch in calib.batches(batch_size):
+                am = batch.attention_mask
+                weights["w"] = None if am is None else am.to(model.device)
+                model(batch.input_ids.to(model.device), None if am is None else am.to(model.device))
     finally:
         for h in hooks:
             h.remove()

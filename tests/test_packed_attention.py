@@ -98,3 +98,21 @@ def _masked_hidden(model, ids, mask):
     for block in model.blocks:
         x = block(x, cos, sin, m)
     return x
+
+
+def test_layer_error_grams_read_the_padded_layout(monkeypatch, reference_kernel):
+    """Hooks that weight linear inputs by the [B, L] mask run ``unpacked``: the same Gram matrices
+    as without packing (packed, the inputs would be [1, T, d] against a [B, L] mask)."""
+    from qdlm_bench.calibration import CalibSet
+    from qdlm_bench.layer_error import gram_matrices
+
+    model = random_model("tiny-llada", seed=3).eval()
+    ids = torch.randint(2, 120, (4, 10), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(10)[None] >= torch.tensor([[0], [3], [6], [1]])).long()
+    calib = CalibSet(input_ids=ids, masked=torch.zeros_like(ids, dtype=torch.bool),
+                     mask_ratio=torch.zeros(4), attention_mask=mask)
+    grams = gram_matrices(model, calib, batch_size=4)
+    assert not reference_kernel and model.packs_rows()  # unpacked inside, packing back on after
+    monkeypatch.setattr(transformer, "varlen_supported", lambda *a: False)
+    for name, gram in gram_matrices(model, calib, batch_size=4).items():
+        torch.testing.assert_close(grams[name], gram)

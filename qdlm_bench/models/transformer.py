@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -197,9 +198,11 @@ class DiffusionLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    packing = True  # ``unpacked(model)`` turns it off
+
     def packs_rows(self) -> bool:
         cfg = self.config
-        return varlen_supported(self.device, self.dtype, cfg.head_dim, cfg.n_heads != cfg.n_kv_heads)
+        return self.packing and varlen_supported(self.device, self.dtype, cfg.head_dim, cfg.n_heads != cfg.n_kv_heads)
 
     def block_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """RoPE tables and attention mask shared by every block (for block-wise methods too)."""
@@ -269,6 +272,17 @@ class DiffusionLM(nn.Module):
         if isinstance(positions, torch.Tensor):
             return self.lm_head(h[positions])
         return self.lm_head(h if positions is None else h[:, positions])
+
+
+@contextmanager
+def unpacked(model: DiffusionLM):
+    """Inside ``with``, padded batches keep their [B, L] layout in the blocks (masked SDPA), for
+    hooks that read per-token linear inputs against the attention mask."""
+    previous, model.packing = model.packing, False
+    try:
+        yield model
+    finally:
+        model.packing = previous
 
 
 def compile_blocks(model: DiffusionLM) -> DiffusionLM:
