@@ -48,6 +48,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, L] of a padded batch: each real token's index among its row's real tokens
+    (so a padded row computes what the unpadded one does); padding at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class PackedRows(NamedTuple):
     """The real tokens of a padded batch as one row of variable-length sequences for flash
     attention: ``cu_seqlens`` (int32) marks where each batch row's tokens start in it, so a token
@@ -208,24 +214,24 @@ class DiffusionLM(nn.Module):
         """RoPE tables and attention mask shared by every block (for block-wise methods too)."""
         b, n = input_ids.shape
         if attention_mask is None:
-            pos = torch.arange(n, device=input_ids.device).expand(b, n)
-            mask = None
-        else:
-            am = attention_mask.bool()
-            pos = (am.long().cumsum(-1) - 1).clamp(min=0)
-            # keys that are padding are hidden; padded query rows still see themselves (no NaN)
-            mask = am[:, None, None, :] | torch.eye(n, dtype=torch.bool, device=am.device)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, self.dtype)
-        return cos, sin, mask
+            return (*self.rope(torch.arange(n, device=input_ids.device).expand(b, n)), None)
+        am = attention_mask.bool()
+        # keys that are padding are hidden; padded query rows still see themselves (no NaN)
+        mask = am[:, None, None, :] | torch.eye(n, dtype=torch.bool, device=am.device)
+        return (*self.rope(token_positions(am)), mask)
+
+    def rope(self, positions: torch.Tensor):
+        """cos/sin tables [B, 1, L, head_dim] of integer positions [B, L]."""
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
                       fresh: slice | None = None) -> torch.Tensor:
         """Final hidden states [B, L, d]; with ``cache`` and ``fresh``, of the columns ``fresh`` only.
         A padded batch without a cache runs packed where variable-length flash attention exists
         (``varlen_supported``; ``_packed_hidden_states``), with masked SDPA otherwise."""
+        if attention_mask is not None and cache is None and self.packs_rows():
+            return self._packed_hidden_states(input_ids, attention_mask.bool())
         cos, sin, mask = self.block_context(input_ids, attention_mask)
-        if mask is not None and cache is None and self.packs_rows():
-            return self._packed_hidden_states(input_ids, attention_mask.bool(), cos, sin)
         if fresh is not None:
             input_ids, cos, sin = input_ids[:, fresh], cos[:, :, fresh], sin[:, :, fresh]
             mask = None if mask is None else mask[:, :, fresh]
@@ -238,11 +244,11 @@ class DiffusionLM(nn.Module):
                 x = block(x, cos, sin, mask, kv)
         return self.norm(x)
 
-    def _packed_hidden_states(self, input_ids, keep, cos, sin) -> torch.Tensor:
+    def _packed_hidden_states(self, input_ids, keep) -> torch.Tensor:
         """The real tokens (``keep`` [B, L]) of all rows as one row through the blocks, each row
         attending to itself (``PackedRows``): no FLOP on padding. Padded positions come back zero."""
         rows = packed_rows(keep)
-        cos, sin = (t[:, 0][keep][None, None] for t in (cos, sin))
+        cos, sin = self.rope(token_positions(keep)[keep][None])
         x = self.embed(input_ids[keep])[None]
         for block in self.blocks:
             x = block(x, cos, sin, rows)
