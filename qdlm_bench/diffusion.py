@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -71,6 +71,33 @@ def argmax_except(scores: torch.Tensor, token: int) -> torch.Tensor:
 
 def _no_step(step: int, x: torch.Tensor) -> None:
     """The default ``on_step`` of ``generate``."""
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a row's answer is complete however the rest of its generation turns out: its decided
+    tokens hold one of ``token_ids`` (the answer is cut at the first special token), or their text
+    (``decode``) holds one of ``strings`` (cut at the first stop string; the text of a token prefix
+    is a prefix of the whole text up to that string). ``key`` names the rule in cached batches."""
+
+    token_ids: frozenset[int]
+    strings: tuple[str, ...]
+    decode: Callable[[list[int]], str] = field(compare=False)
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if not self.token_ids.isdisjoint(tokens):
+            return True
+        text = self.decode(tokens)
+        return any(s and s in text for s in self.strings)
+
+    @property
+    def key(self) -> tuple:
+        return tuple(sorted(self.token_ids)), self.strings
+
+
+def answered(x: torch.Tensor, gen_start: int, stop: int, finished: StopRule | None) -> bool:
+    """Whether every row of ``x`` is ``finished`` by its tokens ``x[:, gen_start:stop]``."""
+    return finished is not None and all(finished(row) for row in x[:, gen_start:stop].tolist())
 
 
 class BatchCache(Protocol):
@@ -143,26 +170,46 @@ def llada_tokens(logits: torch.Tensor, mask_id: int, cfg: GenerationConfig, gene
     return x0, conf
 
 
-def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar, on_step):
-    """LLaDA semi-autoregressive sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:]."""
+def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar, on_step, finished=None):
+    """LLaDA semi-autoregressive sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:].
+
+    After each block the rows that are ``finished`` (``StopRule``) leave the batch, their later
+    blocks left masked; the others go on as a smaller batch of the same width and mask, which
+    computes what the whole batch computes for them (each row is computed alone)."""
     mask_id, n_blocks = model.config.mask_token_id, cfg.gen_length // cfg.block_length
     steps = cfg.steps // n_blocks
     prompt_cols = torch.zeros_like(x, dtype=torch.bool)
     prompt_cols[:, :gen_start] = True if attn is None else attn[:, :gen_start].bool()
+    live, rows = torch.arange(len(x), device=x.device), x  # ``rows``: x's live rows (x itself until one leaves)
     for b in range(n_blocks):
         cols = slice(gen_start + b * cfg.block_length, gen_start + (b + 1) * cfg.block_length)
-        schedule = num_transfer_tokens((x[:, cols] == mask_id).sum(1), steps)
+        schedule = num_transfer_tokens((rows[:, cols] == mask_id).sum(1), steps)
         for i in range(steps):
             bar.update()
             if not schedule[:, i].any():
                 continue
-            logits = _llada_logits(model, x, attn, prompt_cols, cfg.cfg_scale, cols)
+            logits = _llada_logits(model, rows, attn, prompt_cols, cfg.cfg_scale, cols)
             x0, conf = llada_tokens(logits, mask_id, cfg, generator)
-            block = x[:, cols]
+            block = rows[:, cols]
             conf = conf.masked_fill(block != mask_id, -torch.inf)
             transfer = top_k_mask(conf, schedule[:, i])
-            x[:, cols] = torch.where(transfer, x0, block)
-            on_step(b * steps + i, x)
+            rows[:, cols] = torch.where(transfer, x0, block)
+            on_step(b * steps + i, rows)
+        if finished is None or b == n_blocks - 1:
+            continue
+        keep = torch.tensor([not finished(r) for r in rows[:, gen_start:cols.stop].tolist()], device=x.device)
+        if keep.all():
+            continue
+        if rows is not x:
+            x[live] = rows
+        if not keep.any():
+            bar.update(steps * (n_blocks - 1 - b))
+            return
+        live, rows = live[keep], rows[keep]
+        attn = None if attn is None else attn[keep]
+        prompt_cols = prompt_cols[keep]
+    if rows is not x:
+        x[live] = rows
 
 
 # ------------------------------------------------------------------------------------ Dream
@@ -217,8 +264,9 @@ def dream_tokens(logits: torch.Tensor, mask_id: int, cfg: GenerationConfig, gene
     return x0, conf
 
 
-def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar, on_step):
-    """Dream's timestep sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:]."""
+def _dream_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator, bar, on_step, finished=None):
+    """Dream's timestep sampler on ``x`` [B, L] (in place); gen = x[:, gen_start:]. It decodes the
+    whole answer as one block, so ``finished`` never stops it early."""
     mask_id = model.config.mask_token_id
     timesteps = torch.linspace(1, cfg.eps, cfg.steps + 1, device=x.device)
     gen = x[:, gen_start:]  # a view: writing it writes x
@@ -288,6 +336,7 @@ def generate(
     cache: BatchCache | None = None,
     decoder: Callable | None = None,
     on_read_back: Callable[[int], None] | None = None,
+    finished: StopRule | None = None,
 ) -> list[list[int]]:
     """Generate ``cfg.gen_length`` tokens after each prompt; returns only those, in prompt order.
 
@@ -305,12 +354,18 @@ def generate(
 
     ``decoder``: a fast decoder (``decoders.samplers.Decoder``, with the samplers' signature and a
     ``label`` that keys its cached batches) instead of the family's exact sampler.
+
+    ``finished``: a ``StopRule``; a block-wise sampler (LLaDA's, the fast decoders) that has
+    finished every row of a batch after a block leaves the later blocks undecoded (mask tokens),
+    since they cannot change any row's answer. Only where the sampler draws no random numbers
+    (``cfg.deterministic``): a skipped draw would change what the later batches draw.
     """
     sampler = cfg.sampler or model.config.family
     check_generation(cfg, sampler, prompts)
     if cache is not None and generator is None:
         raise ValueError("generate with a cache needs an explicit generator (its state is part of a batch's key)")
     device, mask_id, pad_id = model.device, model.config.mask_token_id, pad_token_id(model)
+    finished = finished if cfg.deterministic(sampler) else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     n_batches = -(-len(prompts) // batch_size)
@@ -322,11 +377,12 @@ def generate(
             gen_start = x.shape[1] - cfg.gen_length
 
             def sample(x=x, attn=attn, gen_start=gen_start):
-                (decoder or _SAMPLERS[sampler])(model, x, attn, gen_start, cfg, generator, bar, on_step or _no_step)
+                (decoder or _SAMPLERS[sampler])(model, x, attn, gen_start, cfg, generator, bar, on_step or _no_step,
+                                                 finished)
                 return {"tokens": x[:, gen_start:].tolist(), "rng": None if cache is None else rng_state(generator)}
 
             content = (sampler if decoder is None else f"{sampler}/{decoder.label}", asdict(cfg), x, attn,
-                       None if cache is None else rng_state(generator))
+                       None if cache is None else rng_state(generator), None if finished is None else finished.key)
             value, computed = cached_batch(cache, "generate", content, sample)
             if not computed:
                 generator.set_state(torch.frombuffer(bytearray.fromhex(value["rng"]), dtype=torch.uint8))

@@ -38,3 +38,9 @@ class GenerationConfig:
             raise ValueError(f"alg {self.alg!r} not in {DREAM_ALGS}")
         if self.sampler not in (None, "llada", "dream"):
             raise ValueError(f"sampler {self.sampler!r} must be 'llada', 'dream' or None")
+
+    def deterministic(self, sampler: str) -> bool:
+        """Whether ``sampler`` ('llada' | 'dream') draws no random numbers under these settings."""
+        if sampler == "llada":
+            return self.temperature == 0 and self.remasking == "low_confidence"
+        return self.temperature == 0 and self.alg_temp == 0 and self.alg != "origin"

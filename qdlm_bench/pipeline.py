@@ -147,7 +147,9 @@ def with_runtime(spec: runspec.RunSpec, model, timings: dict):
     """``(model, info)``: with ``runtime=real``, the model's quantized linears replaced by real low-bit
     modules (``runtime.real.convert``; ``timings["runtime_convert_s"]``); the record's ``runtime``
     ``info``: runtime, format, kernel, why a setting runs fake, weight bytes vs bf16 and a forward's
-    latency (``runtime.real.linear_bytes``, ``forward_latency``), for fake runs too."""
+    latency (``runtime.real.linear_bytes``, ``forward_latency``), for fake runs too. A fake run folds
+    the online transforms of inputs it does not quantize into the weights
+    (``quant.fold_input_transforms``; ``transforms_folded``)."""
     from qdlm_bench.runtime import real
 
     info = {"runtime": spec.runtime, "format": None, "kernel": None, "fake_reason": None}
@@ -160,6 +162,13 @@ def with_runtime(spec: runspec.RunSpec, model, timings: dict):
                      info["layers_fake"])
         else:
             log.info("runtime=real: %s runs fake: %s", spec.quant.name, info["fake_reason"])
+    if not info["format"]:  # fake: online transforms of unquantized inputs folded into the weights
+        from qdlm_bench import quant
+
+        info["transforms_folded"] = quant.fold_input_transforms(model)
+        if info["transforms_folded"]:
+            log.info("folded %d online input transforms into their weights (inputs not quantized)",
+                     info["transforms_folded"])
     info.update(real.linear_bytes(model))
     info.update(real.forward_latency(model))
     return model, info

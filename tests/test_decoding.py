@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qdlm_bench import cost, decode_report, findings, methods, runspec
+from qdlm_bench.diffusion import StopRule
 from qdlm_bench.bench import decode as decode_bench
 from qdlm_bench.decoders.config import DecodeConfig
 from qdlm_bench.decoders.counting import ForwardCounter
@@ -40,10 +41,10 @@ MODELS = {"llada": lambda: random_model("tiny-llada", seed=1).eval(),
           "dream-quarot-w4a4kv4": lambda: quantized("tiny-dream")}
 
 
-def run(model, cfg, decode, prompts=PROMPTS):
+def run(model, cfg, decode, prompts=PROMPTS, finished=None):
     g = torch.Generator().manual_seed(0)
     with ForwardCounter(model) as counter:
-        out = generate(model, prompts, cfg, decode, batch_size=len(prompts), generator=g)
+        out = generate(model, prompts, cfg, decode, batch_size=len(prompts), generator=g, finished=finished)
     return out, counter
 
 
@@ -302,3 +303,82 @@ def test_the_report_names_each_table_decoder_and_adds_the_fast_decoding_table(tm
     assert (tmp_path / "fast-decoding-m.md").is_file()
     exact_only = report.study_tables(report.records_frame(records[:2]))
     assert "decode" not in exact_only[0]  # a store without fast decoders: the tables as before
+
+
+def stop_at(token_ids) -> StopRule:
+    return StopRule(frozenset(token_ids), (), str)
+
+
+@pytest.mark.parametrize("decode", [DecodeConfig(), DecodeConfig(cache="prefix"),
+                                    DecodeConfig(cache="dual", threshold=0.9)], ids=lambda d: d.label)
+def test_a_batch_whose_rows_are_all_finished_skips_its_later_blocks(decode):
+    model = MODELS["llada"]()
+    cfg, mask = gen_config(model), model.config.mask_token_id  # 4 blocks of 8, 4 steps each
+    full, counted_full = run(model, cfg, decode)
+    out, counted = run(model, cfg, decode, finished=stop_at(t for row in full for t in row[:8]))
+    assert [row[:8] for row in out] == [row[:8] for row in full]
+    assert all(t == mask for row in out for t in row[8:])
+    assert 0 < counted.calls < counted_full.calls
+    if decode.is_exact:
+        assert (counted.calls, counted_full.calls) == (4, 16)
+
+
+def test_finished_rows_leave_the_exact_batch_and_the_others_decode_as_before():
+    model = MODELS["llada"]()
+    cfg, mask = gen_config(model), model.config.mask_token_id  # 4 blocks of 8, 4 steps each
+    full, counted_full = run(model, cfg, DecodeConfig())
+    rule = stop_at({t for row in full[:2] for t in row} - set(full[2]))
+    ends = [next((n for n in (8, 16, 24) if rule(row[:n])), 32) for row in full]  # the block after which each row leaves
+    assert ends[2] == 32 and max(ends[:2]) < 32
+    out, counted = run(model, cfg, DecodeConfig(), finished=rule)
+    assert out[2] == full[2]  # computed without the rows that left: the same tokens
+    assert all(out[r][:ends[r]] == full[r][:ends[r]] and set(out[r][ends[r]:]) == {mask} for r in (0, 1))
+    assert counted.rows == sum(4 * (end // 8) for end in ends) < counted_full.rows == 3 * 16
+    # the fast decoders keep a batch together until every row is finished
+    fast = DecodeConfig(cache="prefix")
+    assert run(model, cfg, fast, finished=rule)[0] == run(model, cfg, fast)[0]
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 1.0}, {"remasking": "random"}])
+def test_a_sampler_that_draws_random_numbers_never_stops_early(kw):
+    """A skipped block would not draw its random numbers, and the next batch would draw others."""
+    model = MODELS["llada"]()
+    cfg = gen_config(model, **kw)
+    full, counted_full = run(model, cfg, DecodeConfig())
+    out, counted = run(model, cfg, DecodeConfig(), finished=stop_at(range(model.config.vocab_size)))
+    assert out == full and counted.calls == counted_full.calls
+
+
+def test_the_dream_sampler_decodes_one_block_and_never_stops_early():
+    model = MODELS["dream"]()
+    cfg = gen_config(model)
+    full, _ = run(model, cfg, DecodeConfig())
+    assert run(model, cfg, DecodeConfig(), finished=stop_at(range(model.config.vocab_size)))[0] == full
+
+
+def test_stopping_early_keeps_every_answer_of_a_trained_model():
+    """The shipped instruct model on mini_math prompts: the adapter's answers (cut at EOS and the
+    stop strings) are the same with and without the stop rule, at fewer forward passes."""
+    import json
+
+    from lm_eval.api.instance import Instance
+
+    from qdlm_bench.evaluation import EvalSettings, adapter
+    from qdlm_bench.models.checkpoint import load_model
+    from qdlm_bench.paths import ZOO_DIR
+
+    model, tok = load_model(ZOO_DIR / "tiny-llada-instruct", dtype=torch.float32)
+    lm = adapter.DiffusionLMAdapter(model.eval(), tok, EvalSettings.from_dict({"batch_size": 4}))
+    rows = [json.loads(line) for line in (ROOT / "tasks/mini/mini_math.jsonl").read_text().splitlines()[:8]]
+    until = ["Question:", "\n\n", "<|endoftext|>"]
+    gen = {"until": until, "max_gen_toks": 64, "steps": 64, "block_length": 32}
+    reqs = [Instance(request_type="generate_until", doc={}, idx=0, metadata=("mini_math", i, 1),
+                     arguments=(lm.apply_chat_template([{"role": "user", "content": f"Question: {r['question']}\nAnswer:"}]),
+                                gen)) for i, r in enumerate(rows)]
+    with ForwardCounter(model) as counted:
+        answers = lm.generate_until(reqs)
+    lm.stop_rule = lambda untils: None
+    with ForwardCounter(model) as counted_full:
+        assert lm.generate_until(reqs) == answers
+    assert sum("####" in a for a in answers) >= 6
+    assert counted.calls < counted_full.calls == 2 * 64

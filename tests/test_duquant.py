@@ -171,3 +171,27 @@ def test_duquant_at_weight_only_bits_transforms_and_keeps_activations_fp():
         layer = model.get_submodule(name)
         assert layer.input_transform is not None and layer.act_quant.bits == 16
     assert block_error(fp, "duquant", "w4a16", **FAST) < block_error(fp, "rtn", "w4a16")
+
+
+def test_block_rotation_inverse_undoes_it():
+    x = outlier_tokens(64, 80)
+    T = fit_transform(x, 32, 8)  # 80 = 2 x 32 + a block of 16
+    assert torch.allclose(T.inverse(T(x)), x, atol=1e-4) and torch.allclose(T(T.inverse(x)), x, atol=1e-4)
+
+
+def test_weight_only_transforms_fold_into_the_weights_with_the_same_logits():
+    from qdlm_bench.quant import fold_input_transforms
+
+    model = with_outliers("tiny-llada")
+    methods.get("duquant")(model, QuantSpec.parse("w4a16"), CALIB, FAST)
+    ids = CALIB.input_ids[:2]
+    before = model(ids)
+    assert fold_input_transforms(model) == 14
+    assert all(model.get_submodule(n).input_transform is None for n in quantized_layer_names(model))
+    assert torch.allclose(model(ids), before, atol=5e-4)  # float32 rounding at activations up to 500
+    quantized = with_outliers("tiny-llada")  # inputs quantized: the transform stays online
+    methods.get("duquant")(quantized, QuantSpec.parse("w8a8"), CALIB, FAST)
+    assert fold_input_transforms(quantized) == 0
+    bf16 = with_outliers("tiny-llada").to(torch.bfloat16)  # a bf16 weight would round the folded product
+    methods.get("duquant")(bf16, QuantSpec.parse("w4a16"), CALIB, FAST)
+    assert fold_input_transforms(bf16) == 0

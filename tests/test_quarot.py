@@ -231,3 +231,17 @@ def test_forward_bench_on_cpu():
     assert r["bench"] == "forward" and r["quarot"]["bits"] == "w4a4"
     assert r["fp"]["ms"] > 0 and r["quarot"]["ms"] > 0 and r["ratio"] > 0
     assert 0 < r["logits_rel_err"] < 1
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_online_hadamards_of_unquantized_inputs_fold_into_the_weights(family):
+    from qdlm_bench.quant import fold_input_transforms
+
+    model = fp_model(family)
+    methods.get("quarot")(model, QuantSpec.parse("w4a16"), SimpleNamespace(input_ids=IDS))
+    before = model(IDS)
+    assert fold_input_transforms(model) == 2 * len(model.blocks)  # o_proj and down_proj
+    assert torch.allclose(model(IDS), before, atol=1e-5, rtol=1e-4)
+    h = OnlineHadamard(28, 4)
+    x = torch.randn(3, 112, generator=GEN)
+    assert torch.allclose(h.inverse(h(x)), x, atol=1e-5)

@@ -179,6 +179,15 @@ def test_real_run_records_runtime_memory_and_latency(tmp_path):
     assert w4a4["status"] == "done" and "no int4 tensor-core" in w4a4["runtime"]["fake_reason"]
 
 
+def test_a_fake_run_folds_the_online_transforms_of_unquantized_inputs(tmp_path):
+    weight_only = pipeline.run(config(*CALIB, "method=duquant", "bits=w4a16g128", "method.steps=4"),
+                               store_root=tmp_path)
+    assert weight_only["status"] == "done", weight_only["error"]
+    assert weight_only["runtime"]["transforms_folded"] == 7 * 2  # q/k/v, o, gate/up, down of 2 blocks
+    w8a8 = pipeline.run(config(*CALIB, "method=duquant", "bits=w8a8", "method.steps=4"), store_root=tmp_path)
+    assert w8a8["runtime"]["transforms_folded"] == 0
+
+
 # ---------------------------------------------------------------------------------- bench
 
 

@@ -47,8 +47,8 @@ class Decoder:
     def __init__(self, decode: DecodeConfig):
         self.decode, self.label = decode, decode.label
 
-    def __call__(self, model, x, attn, gen_start, cfg, generator, bar, on_step) -> None:
-        _blockwise(model, x, attn, gen_start, cfg, self.decode, generator, bar, on_step)
+    def __call__(self, model, x, attn, gen_start, cfg, generator, bar, on_step, finished=None) -> None:
+        _blockwise(model, x, attn, gen_start, cfg, self.decode, generator, bar, on_step, finished)
 
 
 def generate(model, prompts: list[list[int]], cfg: GenerationConfig, decode: DecodeConfig, **kwargs) -> list[list[int]]:
@@ -101,8 +101,10 @@ def _schedule(sampler: str, n_masked: torch.Tensor, steps: int, cfg: GenerationC
     return dream
 
 
-def _blockwise(model, x, attn, gen_start, cfg: GenerationConfig, decode: DecodeConfig, generator, bar, on_step):
-    """Decode ``x[:, gen_start:]`` [B, L] in place, block by block (see the module doc)."""
+def _blockwise(model, x, attn, gen_start, cfg: GenerationConfig, decode: DecodeConfig, generator, bar, on_step,
+               finished=None):
+    """Decode ``x[:, gen_start:]`` [B, L] in place, block by block (see the module doc); stop after a
+    block once every row is ``finished`` (``diffusion.StopRule``), the later blocks left masked."""
     sampler = cfg.sampler or model.config.family
     decode.check(cfg, sampler)
     choose = _llada_choice if sampler == "llada" else _dream_choice
@@ -132,3 +134,6 @@ def _blockwise(model, x, attn, gen_start, cfg: GenerationConfig, decode: DecodeC
             x[:, cols] = torch.where(diffusion.top_k_mask(conf, k), x0, block)
             on_step(done, x)
             done += 1
+        if b < n_blocks - 1 and diffusion.answered(x, gen_start, cols.stop, finished):
+            bar.update(steps * (n_blocks - 1 - b))
+            return

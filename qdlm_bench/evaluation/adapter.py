@@ -96,6 +96,13 @@ class DiffusionLMAdapter(LM):
         end = next((i for i, t in enumerate(tokens) if t in self._stop_ids), len(tokens))
         return self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
 
+    def stop_rule(self, untils: list) -> diffusion.StopRule:
+        """When a row's answer (``decode``, then ``cut_at_stops``) can no longer change: a special
+        token decided, or a stop string that every request of the batch's task stops at."""
+        common = set.intersection(*({u} if isinstance(u, str) else set(u or []) for u in untils))
+        return diffusion.StopRule(frozenset(self._stop_ids), tuple(sorted(common)),
+                                  lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True))
+
     def _max_length(self, task: str) -> int:
         return self.settings.for_task(task)["max_length"] or self.model.config.max_seq_len
 
@@ -171,7 +178,8 @@ class DiffusionLMAdapter(LM):
                 tokens = decoding.generate(self.model, prompts, cfg, self.settings.decode,
                                            batch_size=self.settings.batch_size, generator=generator,
                                            progress=self.settings.progress, on_step=bar.on_step, cache=cache,
-                                           on_read_back=meter.read_back)
+                                           on_read_back=meter.read_back,
+                                           finished=self.stop_rule([requests[i].args[1].get("until") for i in idx]))
             self.generation_stats[task] = {"decode": self.settings.decode.label, **meter.stats()}
             for i, toks in zip(idx, tokens):
                 out[i] = cut_at_stops(self.decode(toks), requests[i].args[1].get("until"))
@@ -203,8 +211,8 @@ def _terminal() -> bool:
 
 class RequestBar:
     """A bar over a task's generation requests (done/total, ETA), advanced by ``diffusion.generate``'s
-    ``on_step(step, x)``: a batch of ``x.shape[0]`` requests is ``(step + 1) / steps`` done; a step
-    index that does not grow starts the next batch. Observes only."""
+    ``on_step(step, x)``: a batch of ``x.shape[0]`` requests (at its first step) is ``(step + 1) /
+    steps`` done; a step index that does not grow starts the next batch. Observes only."""
 
     def __init__(self, desc: str, total: int, steps: int, enabled: bool):
         self.bar = tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, unit="req",
@@ -214,7 +222,9 @@ class RequestBar:
     def on_step(self, step: int, x) -> None:
         if step <= self.last:
             self.done += self.rows
-        self.rows, self.last = int(x.shape[0]), step
+        if step <= self.last or self.last < 0:  # a batch's first step: its rows (finished rows leave it later)
+            self.rows = int(x.shape[0])
+        self.last = step
         self._set(self.done + self.rows * min(1.0, (step + 1) / self.steps))
 
     def _set(self, n: float) -> None:

@@ -11,7 +11,7 @@ _EXPORTS = {
     ".spec": ["ACT_LAYER_NAMES", "VALID_FORMS", "QuantSpec", "QuantSpecError"],
     ".quantizer": ["dequantize", "fake_quant", "group", "int_codes", "qrange", "quant_params", "quantize", "ungroup"],
     ".linear": ["ActQuantizer", "QuantLinear"],
-    ".apply": ["act_selection", "install_kv_quantizers", "install_quantizers", "linear_layers",
+    ".apply": ["act_selection", "fold_input_transforms", "install_kv_quantizers", "install_quantizers", "linear_layers",
                "quantize_weights_rtn", "quantized_layer_names", "targets"],
     ".stats": ["ChannelMax", "TokenStats"],
     ".walk": ["FEEDERS", "SUBSETS", "Batches", "block_inputs", "collect", "run_block", "walk_blocks"],

@@ -88,6 +88,12 @@ def install_quantizers(model: nn.Module, spec: QuantSpec, v_range: Sequence[torc
     return len(layers)
 
 
+def fold_input_transforms(model: nn.Module) -> int:
+    """``QuantLinear.fold_input_transform`` on every layer (fake-quantized evaluation at weight-only
+    bits: the same function, without the online transforms' cost). Returns how many folded."""
+    return sum(m.fold_input_transform() for m in model.modules() if isinstance(m, QuantLinear))
+
+
 def quantized_layer_names(model: nn.Module) -> list[str]:
     """Names of every ``QuantLinear`` in ``model`` (for coverage checks)."""
     return [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]

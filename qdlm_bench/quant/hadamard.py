@@ -178,5 +178,9 @@ class OnlineHadamard(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _apply(x, list(self.buffers()), self.n, self.inner, False)
 
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse (transposed) transform, ``x -> x M^T``."""
+        return _apply(x, list(self.buffers()), self.n, self.inner, True)
+
     def extra_repr(self) -> str:
         return f"n={self.n}, inner={self.inner}"

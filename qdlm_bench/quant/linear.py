@@ -85,6 +85,20 @@ class QuantLinear(nn.Module):
             _LAST.put(x, key, out)
         return out
 
+    @torch.no_grad()
+    def fold_input_transform(self) -> bool:
+        """Fold the online input transform ``M`` (orthogonal: it has ``inverse``, ``x -> x M^T``) into
+        the weight when the input is not quantized: ``(x M) W^T = x (W M^T)^T``, so the forward
+        skips the transform. Float32 weights only, where the folded weight rounds at 1e-7 (in
+        bf16 it would add a rounding of 4e-3 to every weight). Returns whether it folded."""
+        transform = self.input_transform
+        if (transform is None or self.act_quant.bits < 16 or not hasattr(transform, "inverse")
+                or self.weight.dtype != torch.float32):
+            return False
+        self.weight.copy_(transform.inverse(self.weight))
+        self.input_transform = None
+        return True
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}"
 
