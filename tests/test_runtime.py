@@ -203,4 +203,10 @@ def test_runtime_bench_runs_every_format_and_records_failures(tmp_path, monkeypa
         assert rows[fmt]["exact"]["ms"] > 0 and rows[fmt]["decode_b1"]["ms"] > 0
         assert rows[fmt]["e2e"]["dual_cache"]["samples_per_s"] > 0
     assert rows["int4"]["weight_ratio_vs_bf16"] <= 0.3 and result["targets"]["w4a16_weight_ratio"]["met"]
+    shapes = result["linears"]  # q/k/v/o share one shape, gate/up another, down a third
+    assert {n: (r["in"], r["out"]) for n, r in shapes.items()} == {
+        "q_proj": (128, 128), "gate_proj": (128, 256), "down_proj": (256, 128)}
+    q = shapes["q_proj"]
+    assert q["rows"] == 2 * 64 and q["int8_ms"] > 0 and q["int8_gemm_ms"] > 0 and q["int4_ms"] > 0
+    assert "ZeroDivisionError" in q["fp8_error"] and q["int8_x_bf16"] == round(q["bf16_ms"] / q["int8_ms"], 3)
     json.dumps(result)

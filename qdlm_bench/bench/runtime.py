@@ -3,7 +3,7 @@
     python -m qdlm_bench.bench runtime [shape=llada-8b] [formats=bf16,int8,fp8,int4] [group=128]
         [exact_batch=16] [exact_len=768] [block=32] [decode_batches=1,16] [warmup=3] [repeats=10]
         [e2e=1] [e2e_batch=16] [prompt_len=256] [gen_length=64] [steps=64]
-        [decoders=exact,prefix_cache,dual_cache] [compile=1] [graphs=1] [seed=0] [out=bench.json]
+        [decoders=exact,prefix_cache,dual_cache] [compile=1] [graphs=1] [linears=1] [seed=0] [out=bench.json]
 
 runtime: one random-weight model of ``shape`` (LLaDA-8B's by default; bf16 on GPU, fp32 on CPU),
 measured in bf16 and then with its block linears replaced by each real low-bit format of
@@ -21,6 +21,10 @@ memory above what was allocated before it: the bf16 weights stay allocated betwe
 * ``e2e``: samples/s of generation with each decoder of ``decoders`` (``qdlm_bench.decoders``),
   ``e2e_batch`` prompts of about ``prompt_len`` random tokens, ``gen_length`` tokens in ``steps`` steps.
 
+``linears=1``: each distinct block-linear shape alone at the exact shape's rows: bf16, each format's
+module, and its bare low-bit GEMM on ready operands (``torch._int_mm``, ``torch._scaled_mm``), so
+that a format's shortfall is placed in the kernel or around it.
+
 ``compile=1``: on CUDA the int8/fp8 activation quantization and epilogue run ``torch.compile``'d
 (``runtime.real._call``). Each format's measurement is caught: a failing format (no kernel on this device, a kernel error)
 records its error and the run goes on. The targets (issue 14) are checked at the end: W8A8 (int8 or
@@ -37,6 +41,7 @@ import time
 import traceback
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qdlm_bench.decoders.counting import GenerationMeter
@@ -58,20 +63,67 @@ def block_linears(model) -> list[tuple[nn.Module, str]]:
     return [(block, name) for block in model.blocks for name in LINEARS]
 
 
+def real_linear(fmt: str, weight: torch.Tensor, bias, group: int) -> nn.Module:
+    """The ``fmt`` module of a float weight, RTN-quantized."""
+    if fmt == "int8":
+        return real.Int8Linear.from_weight(weight, bias)
+    if fmt == "fp8":
+        return real.Fp8Linear.from_weight(weight, bias)
+    if fmt == "int4":
+        return real.Int4Linear.from_weight(weight, group, bias)
+    raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
 def to_format(model, fmt: str, group: int, originals: dict) -> None:
     """Replace every block linear by its ``fmt`` module built from the bf16 original (kept in ``originals``)."""
     for block, name in block_linears(model):
         lin = originals.setdefault((id(block), name), getattr(block, name))
-        w, b = lin.weight.data, lin.bias
-        if fmt == "int8":
-            module = real.Int8Linear.from_weight(w, b)
-        elif fmt == "fp8":
-            module = real.Fp8Linear.from_weight(w, b)
-        elif fmt == "int4":
-            module = real.Int4Linear.from_weight(w, group, b)
-        else:
-            raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-        setattr(block, name, module)
+        setattr(block, name, real_linear(fmt, lin.weight.data, lin.bias, group))
+
+
+def bare_gemm(fmt: str, x: torch.Tensor, module: nn.Module):
+    """The low-bit GEMM of ``module`` alone, on operands already quantized (random codes, unit
+    scales): what the kernel gives without the activation quantization and the epilogue; None for
+    int4 (its module is the kernel)."""
+    rows = x.shape[0]
+    if fmt == "int8":
+        xq = torch.randint(-127, 128, (rows, module.in_features), dtype=torch.int8, device=x.device)
+        return lambda: torch._int_mm(xq, module.qweight.t())
+    if fmt == "fp8":
+        xq, ones = x.to(torch.float8_e4m3fn), torch.ones(rows, 1, device=x.device)
+        return lambda: torch._scaled_mm(xq, module.weight_fp8.t(), scale_a=ones, scale_b=module.w_scale,
+                                        out_dtype=x.dtype, use_fast_accum=real.FP8_FAST_ACCUM)
+    return None
+
+
+@torch.inference_mode()
+def linears(model, formats: list[str], rows: int, group: int, warmup: int, repeats: int) -> dict:
+    """Each distinct block-linear shape (named by its first linear) at ``rows`` input rows: the bf16
+    ``F.linear``, each format's module and its bare GEMM (``bare_gemm``), in ms and x bf16."""
+    out: dict = {}
+    for name in LINEARS:
+        lin = getattr(model.blocks[0], name)
+        if any((r["in"], r["out"]) == (lin.in_features, lin.out_features) for r in out.values()):
+            continue
+        x = torch.randn(rows, lin.in_features, device=model.device, dtype=model.dtype)
+        w = lin.weight.data
+        r = {"rows": rows, "in": lin.in_features, "out": lin.out_features,
+             "bf16_ms": timed(lambda: F.linear(x, w), warmup, repeats, 0)["ms"]}
+        for fmt in formats:
+            if fmt == "bf16":
+                continue
+            try:
+                module = real_linear(fmt, w, None, group)
+                r[f"{fmt}_ms"] = timed(lambda: module(x), warmup, repeats, 0)["ms"]
+                gemm = bare_gemm(fmt, x, module)
+                if gemm is not None:
+                    r[f"{fmt}_gemm_ms"] = timed(gemm, warmup, repeats, 0)["ms"]
+            except Exception as err:  # noqa: BLE001 - recorded, the other formats still run
+                r[f"{fmt}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        for key in [k for k in r if k.endswith("_ms") and k != "bf16_ms"]:
+            r[key[:-3] + "_x_bf16"] = round(r["bf16_ms"] / r[key], 3)
+        out[name] = r
+    return out
 
 
 def restore(model, originals: dict) -> None:
@@ -215,7 +267,8 @@ def run(argv: list[str]) -> dict:
     a = parse_args(argv, dict(shape="llada-8b", formats="bf16,int8,fp8,int4", group=128, exact_batch=16,
                               exact_len=768, block=32, decode_batches="1,16", warmup=3, repeats=10, e2e=1,
                               e2e_batch=16, prompt_len=256, gen_length=64, steps=64,
-                              decoders="exact,prefix_cache,dual_cache", compile=1, graphs=1, seed=0, out=""))
+                              decoders="exact,prefix_cache,dual_cache", compile=1, graphs=1, linears=1, seed=0,
+                              out=""))
     real.COMPILE = bool(a["compile"])
     start = time.perf_counter()
     model = bench_model(a["shape"], a["seed"])
@@ -255,6 +308,9 @@ def run(argv: list[str]) -> dict:
             r["speedup_vs_bf16"] = {s: round(rows["bf16"][s]["ms"] / r[s]["ms"], 3)
                                     for s in r if (s == "exact" or s.startswith("decode")) and "ms" in r[s]
                                     and "ms" in rows["bf16"].get(s, {})}
+    if a["linears"]:
+        result["linears"] = linears(model, a["formats"].split(","), a["exact_batch"] * a["exact_len"], a["group"],
+                                    a["warmup"], a["repeats"])
     result["targets"] = targets(rows)
     result["compile_errors"] = dict(real.COMPILE_ERRORS)
     result["int4_dequant_errors"] = list(real.DEQUANT_ERRORS)

@@ -331,7 +331,7 @@ COMPILE_ERRORS: dict = {}  # function name -> the error that made it run eager
 
 
 def _call(fn, x: torch.Tensor, *args):
-    """``fn(x, *args)``, compiled (``torch.compile``, dynamic shapes) on CUDA when ``COMPILE``: the
+    """``fn(x, *args)``, compiled (``torch.compile``, the row count of ``x`` dynamic) on CUDA when ``COMPILE``: the
     elementwise passes of eager mode would cost more than the low-bit GEMM saves. A compilation
     failure runs it eager from then on and is kept in ``COMPILE_ERRORS`` (records and the bench)."""
     if not (COMPILE and x.is_cuda) or fn.__name__ in COMPILE_ERRORS:
@@ -343,7 +343,8 @@ def _call(fn, x: torch.Tensor, *args):
             config.recompile_limit = max(config.recompile_limit, 64)
         else:
             config.cache_size_limit = max(config.cache_size_limit, 64)
-        compiled = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
+        compiled = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    torch._dynamo.mark_dynamic(x, 0)  # the row count varies; the layer's widths stay static (faster kernels)
     try:
         return compiled(x, *args)
     except Exception as err:  # noqa: BLE001 - the eager function computes the same
