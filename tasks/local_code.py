@@ -45,6 +45,23 @@ class CodeTask(ConfigurableTask):
             request.arguments = (request.arguments[0], {**request.arguments[1], "until": list(until)})
         return request
 
+    def apply_filters(self):
+        out = super().apply_filters()
+        self.run_all_programs()
+        return out
+
+    def run_all_programs(self) -> None:
+        """Run the programs of every doc's answers at once (``run_programs``: a worker per CPU, up to
+        8), before lm-eval scores the docs one at a time: ``process_results`` then reads each
+        result back (``_score``) instead of running its doc's programs alone."""
+        build = getattr(self.config.process_results, "programs", None)
+        if build is None:
+            return
+        programs = list(dict.fromkeys(p for inst in self.instances for answers in inst.filtered_resps.values()
+                                      for p in build(inst.doc, [answers], chat=self.chat)))
+        _RAN.clear()
+        _RAN.update(zip(programs, (r.passed for r in run_programs(programs))))
+
     def process_results(self, doc, results):
         return self.config.process_results(doc, results, chat=self.chat)
 
@@ -60,18 +77,34 @@ def _codes(results, chat: bool) -> list[str]:
     return [extract_code(a) for a in answers] if chat else answers
 
 
+_RAN: dict[str, bool] = {}  # program -> passed, run ahead by CodeTask.run_all_programs
+
+
 def _score(programs: list[str]) -> dict:
-    passed = sum(r.passed for r in run_programs(programs))
+    todo = [p for p in programs if p not in _RAN]
+    ran = dict(zip(todo, (r.passed for r in run_programs(todo)))) if todo else {}
+    passed = sum(_RAN[p] if p in _RAN else ran[p] for p in programs)
     return {"pass@1": pass_at_k(len(programs), passed, 1)}
 
 
-def humaneval_results(doc: dict, results, chat: bool = False) -> dict:
+def humaneval_programs(doc: dict, results, chat: bool = False) -> list[str]:
     """The prompt (signature + docstring), the code, the tests, then ``check(entry_point)``."""
-    return _score([f"{doc['prompt']}{c}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
-                   for c in _codes(results[0], chat)])
+    return [f"{doc['prompt']}{c}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n" for c in _codes(results[0], chat)]
+
+
+def mbpp_programs(doc: dict, results, chat: bool = False) -> list[str]:
+    """The code (a completion: up to ``[DONE]``), the setup code, then the doc's asserts."""
+    tests = "\n".join([doc["test_setup_code"], *doc["test_list"]])
+    return [f"{c}\n\n{tests}\n" for c in _codes(results[0], chat)]
+
+
+def humaneval_results(doc: dict, results, chat: bool = False) -> dict:
+    return _score(humaneval_programs(doc, results, chat))
 
 
 def mbpp_results(doc: dict, results, chat: bool = False) -> dict:
-    """The code (a completion: up to ``[DONE]``), the setup code, then the doc's asserts."""
-    tests = "\n".join([doc["test_setup_code"], *doc["test_list"]])
-    return _score([f"{c}\n\n{tests}\n" for c in _codes(results[0], chat)])
+    return _score(mbpp_programs(doc, results, chat))
+
+
+humaneval_results.programs = humaneval_programs
+mbpp_results.programs = mbpp_programs

@@ -142,3 +142,25 @@ def test_evaluation_scores_the_canonical_solution(task, chat):
         model=_ReplyingLM(answer), tasks=[task], limit=N_DOCS, apply_chat_template=chat,
         fewshot_as_multiturn=chat, confirm_run_unsafe_code=True, task_manager=TaskManager(include_defaults=False))
     assert results["results"][task.task_name]["pass@1,none"] == 1.0
+
+
+def test_a_code_task_runs_all_its_programs_at_once_before_scoring(monkeypatch):
+    """mini_code: every doc's program runs in one ``run_programs`` call (a worker per CPU) when the
+    filters are applied; each doc's score reads its result back. Right answers for even docs."""
+    (task,) = tasks.build_tasks(tasks.resolve_tasks(["mini_code"], DATA_DIR))
+    scope = task.config.process_results.__globals__  # the module lm-eval loaded from tasks/local_code.py
+    batches = []
+
+    def recording(programs, **kw):
+        batches.append(len(programs))
+        return real(programs, **kw)
+
+    real = scope["run_programs"]
+    monkeypatch.setitem(scope, "run_programs", recording)
+    docs = list(task.test_docs())[:6]
+    answer = {d["prompt"]: (d["canonical_solution"] if i % 2 == 0 else "    return None\n") for i, d in enumerate(docs)}
+    results = lm_eval.simple_evaluate(
+        model=_ReplyingLM(lambda doc: answer[doc["prompt"]]), tasks=[task], limit=6, apply_chat_template=False,
+        confirm_run_unsafe_code=True, task_manager=TaskManager(include_defaults=False))
+    assert results["results"]["mini_code"]["pass@1,none"] == 0.5
+    assert batches == [6]
