@@ -95,9 +95,11 @@ class StopRule:
         return tuple(sorted(self.token_ids)), self.strings
 
 
-def answered(x: torch.Tensor, gen_start: int, stop: int, finished: StopRule | None) -> bool:
-    """Whether every row of ``x`` is ``finished`` by its tokens ``x[:, gen_start:stop]``."""
-    return finished is not None and all(finished(row) for row in x[:, gen_start:stop].tolist())
+def finished_rows(x: torch.Tensor, gen_start: int, stop: int, finished: StopRule | None) -> list[bool]:
+    """Per row of ``x``: is it ``finished`` by its tokens ``x[:, gen_start:stop]`` (all False without a rule)."""
+    if finished is None:
+        return [False] * len(x)
+    return [finished(row) for row in x[:, gen_start:stop].tolist()]
 
 
 class BatchCache(Protocol):
@@ -195,9 +197,9 @@ def _llada_generate(model, x, attn, gen_start, cfg: GenerationConfig, generator,
             transfer = top_k_mask(conf, schedule[:, i])
             rows[:, cols] = torch.where(transfer, x0, block)
             on_step(b * steps + i, rows)
-        if finished is None or b == n_blocks - 1:
+        if b == n_blocks - 1:
             continue
-        keep = torch.tensor([not finished(r) for r in rows[:, gen_start:cols.stop].tolist()], device=x.device)
+        keep = ~torch.tensor(finished_rows(rows, gen_start, cols.stop, finished), device=x.device)
         if keep.all():
             continue
         if rows is not x:

@@ -77,13 +77,14 @@ def _codes(results, chat: bool) -> list[str]:
     return [extract_code(a) for a in answers] if chat else answers
 
 
-_RAN: dict[str, bool] = {}  # program -> passed, run ahead by CodeTask.run_all_programs
+_RAN: dict[str, bool] = {}  # program -> passed: run ahead by CodeTask.run_all_programs, which clears it
 
 
 def _score(programs: list[str]) -> dict:
     todo = [p for p in programs if p not in _RAN]
-    ran = dict(zip(todo, (r.passed for r in run_programs(todo)))) if todo else {}
-    passed = sum(_RAN[p] if p in _RAN else ran[p] for p in programs)
+    if todo:
+        _RAN.update(zip(todo, (r.passed for r in run_programs(todo))))
+    passed = sum(_RAN[p] for p in programs)
     return {"pass@1": pass_at_k(len(programs), passed, 1)}
 
 

@@ -2,24 +2,29 @@
 their configuration and record keys, the Fast decoding table and the decode benchmark."""
 
 import copy
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lm_eval.api.instance import Instance
 from omegaconf import OmegaConf
 
 from qdlm_bench import cost, decode_report, findings, methods, runspec
-from qdlm_bench.diffusion import StopRule
 from qdlm_bench.bench import decode as decode_bench
 from qdlm_bench.decoders.config import DecodeConfig
 from qdlm_bench.decoders.counting import ForwardCounter
 from qdlm_bench.decoders.samplers import generate
+from qdlm_bench.diffusion import StopRule
+from qdlm_bench.evaluation import EvalSettings, adapter
 from qdlm_bench.generation import GenerationConfig
 from qdlm_bench.models import DLLMConfig
+from qdlm_bench.models.checkpoint import load_model
 from qdlm_bench.models.presets import random_model
 from qdlm_bench.models.transformer import KVCache
+from qdlm_bench.paths import ZOO_DIR
 from qdlm_bench.quant import QuantSpec
 from qdlm_bench.store import baseline_key, spec_key
 
@@ -359,14 +364,6 @@ def test_the_dream_sampler_decodes_one_block_and_never_stops_early():
 def test_stopping_early_keeps_every_answer_of_a_trained_model():
     """The shipped instruct model on mini_math prompts: the adapter's answers (cut at EOS and the
     stop strings) are the same with and without the stop rule, at fewer forward passes."""
-    import json
-
-    from lm_eval.api.instance import Instance
-
-    from qdlm_bench.evaluation import EvalSettings, adapter
-    from qdlm_bench.models.checkpoint import load_model
-    from qdlm_bench.paths import ZOO_DIR
-
     model, tok = load_model(ZOO_DIR / "tiny-llada-instruct", dtype=torch.float32)
     lm = adapter.DiffusionLMAdapter(model.eval(), tok, EvalSettings.from_dict({"batch_size": 4}))
     rows = [json.loads(line) for line in (ROOT / "tasks/mini/mini_math.jsonl").read_text().splitlines()[:8]]

@@ -134,6 +134,6 @@ def _blockwise(model, x, attn, gen_start, cfg: GenerationConfig, decode: DecodeC
             x[:, cols] = torch.where(diffusion.top_k_mask(conf, k), x0, block)
             on_step(done, x)
             done += 1
-        if b < n_blocks - 1 and diffusion.answered(x, gen_start, cols.stop, finished):
+        if b < n_blocks - 1 and all(diffusion.finished_rows(x, gen_start, cols.stop, finished)):
             bar.update(steps * (n_blocks - 1 - b))
             return

@@ -160,8 +160,7 @@ class BlockRotation(nn.Module):
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """``x -> x M^T = ((x R2^T)[..., perm^-1]) R1^T``."""
-        undo = torch.empty_like(self.perm)
-        undo[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        undo = self.perm.argsort()
         return apply_blocks(apply_blocks(x, self.r2.transpose(1, 2))[..., undo], self.r1.transpose(1, 2)).to(x.dtype)
 
     def extra_repr(self) -> str:
